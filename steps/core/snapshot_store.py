@@ -23,7 +23,14 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from steps.core.manifest import Manifest, hash_tree, list_files, mismatched_files, sha256_file
+from steps.core.manifest import (
+    FileEntry,
+    Manifest,
+    hash_tree,
+    list_files,
+    mismatched_files,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,11 @@ class SnapshotStore:
         self.root = Path(root).expanduser().resolve()
         for folder in ("blobs", "snapshots", "manifests", "refs", "locks", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open(cls, cache_dir: str | None) -> SnapshotStore:
+        """The store at cache_dir, or at the default cache location when it is None."""
+        return cls(Path(cache_dir) if cache_dir else default_cache_root())
 
     def lock(self, ref: str) -> FileLock:
         return FileLock(self.root / "locks" / f"{ref}.lock")
@@ -114,9 +126,20 @@ class SnapshotStore:
                 os.unlink(temp)
         return blob
 
-    def ingest(self, folder: Path, *, ref: str, model: str, source: dict, move: bool) -> Manifest:
-        """Hash a finished folder, store its files as blobs and publish it as a snapshot."""
-        manifest = Manifest(model=model, source=source, files=hash_tree(folder, "hashing"))
+    def ingest(
+        self,
+        folder: Path,
+        *,
+        ref: str,
+        model: str,
+        source: dict,
+        move: bool,
+        files: list[FileEntry] | None = None,
+    ) -> Manifest:
+        """Store a finished folder's files as blobs and publish it as a snapshot (`files`: its
+        hashes, when the caller already has them)."""
+        files = files if files is not None else hash_tree(folder, "hashing")
+        manifest = Manifest(model=model, source=source, files=files)
         for entry, path in zip(manifest.files, list_files(folder), strict=True):
             self.store_blob(path, entry.sha256, move=move)
         self._publish_snapshot(manifest)

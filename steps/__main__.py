@@ -1,0 +1,60 @@
+"""The launcher behind every MLproject entry point:
+
+    python -m steps <entry point> --model M --compute C --overrides "key=value key2=value2"
+
+It turns MLproject parameters into Hydra overrides (`mlflow run` shell-quotes `overrides` into
+one argument, so it is split here with shlex), composes and validates the config once, and calls
+the step's `main(cfg)`. Pipeline errors end as one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import shlex
+import sys
+
+from steps.core.config import compose_config
+from steps.core.errors import ConfigError, PipelineError
+
+ENTRY_POINTS = {"fetch": "steps.fetch"}
+
+log = logging.getLogger("steps")
+
+
+def hydra_overrides(model: str | None, compute: str | None, overrides: str) -> list[str]:
+    try:
+        extra = shlex.split(overrides)
+    except ValueError as error:
+        raise ConfigError(f"cannot split overrides {overrides!r}: {error}") from None
+    chosen = [
+        f"{group}={value}" for group, value in (("model", model), ("compute", compute)) if value
+    ]
+    return chosen + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m steps", description=__doc__.split("\n\n")[0])
+    parser.add_argument("entry_point", choices=sorted(ENTRY_POINTS))
+    parser.add_argument(
+        "--model", help="model variant (conf/model/); default from conf/config.yaml"
+    )
+    parser.add_argument("--compute", help="compute target (conf/compute/)")
+    parser.add_argument("--overrides", default="", help='more Hydra overrides: "a.b=1 c=2"')
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = compose_config(hydra_overrides(args.model, args.compute, args.overrides))[0]
+        step = importlib.import_module(ENTRY_POINTS[args.entry_point])
+        step.main(cfg)
+    except PipelineError as error:
+        print(f"error: {args.entry_point}: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

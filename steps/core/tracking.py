@@ -1,0 +1,112 @@
+"""Where runs go and what every run records.
+
+Zero set-up: with no MLFLOW_TRACKING_URI the store is a SQLite file in the project (mlflow.db,
+artifacts under mlruns/), so the Model Registry works out of the box. An exported
+MLFLOW_TRACKING_URI wins; `tracking.uri` in the config wins over both. Under `mlflow run` the
+run already exists (MLFLOW_RUN_ID) and is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import mlflow
+import requests
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from steps.core.config import PipelineConfig
+from steps.core.errors import PipelineError
+from steps.core.provenance import PROJECT_ROOT, git_state, package_versions
+
+log = logging.getLogger(__name__)
+DEFAULT_STORE = PROJECT_ROOT / "mlflow.db"
+DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlruns"
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+
+
+def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail in seconds, before any heavy work, when a remote tracking server is not there
+    (MLflow's own client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as error:
+        raise PipelineError(
+            f"the MLflow tracking server at {uri} is not reachable ({type(error).__name__}); "
+            "start it or point MLFLOW_TRACKING_URI at a running one"
+        ) from None
+
+
+def resolved_config_yaml(cfg: PipelineConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flat_params(cfg: PipelineConfig) -> dict[str, str]:
+    """`model.source.repo_id`-style keys; non-string values as JSON."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node if isinstance(node, str) else json.dumps(node)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
+    return flat
+
+
+def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
+    commit, dirty = git_state()
+    tags = {
+        "pipeline.step": step,
+        "pipeline.model": cfg.model.name,
+        "pipeline.compute": cfg.compute.name,
+        "git.commit": commit,
+        "git.dirty": "unknown" if dirty is None else str(dirty).lower(),
+        "config.sha256": hashlib.sha256(resolved_config_yaml(cfg).encode()).hexdigest(),
+    }
+    tags.update({f"versions.{name}": v for name, v in package_versions().items()})
+    return tags
+
+
+@contextlib.contextmanager
+def step_run(step: str, cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run of one step, with the resolved config, params and provenance logged."""
+    uri = tracking_uri(cfg)
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        run_context = mlflow.start_run()  # created by `mlflow run`
+    else:
+        experiment_id = _experiment_id(cfg.tracking.experiment, uri)
+        run_name = f"{step}-{cfg.model.name}-{cfg.compute.name}"
+        run_context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    with run_context as run:
+        log.info("tracking %s run %s at %s", step, run.info.run_id, uri)
+        mlflow.log_text(resolved_config_yaml(cfg), "config.yaml")
+        mlflow.log_params(flat_params(cfg))
+        mlflow.set_tags(run_tags(step, cfg))
+        yield run
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # In the zero-set-up store, keep artifacts in the project instead of the caller's cwd.
+    location = DEFAULT_ARTIFACTS.as_uri() if uri == f"sqlite:///{DEFAULT_STORE}" else None
+    return client.create_experiment(name, artifact_location=location)
