@@ -1,0 +1,26 @@
+# Two commands for a fresh machine (see README.md):
+#   make run    create .venv, install the project, run the pipeline on the bundled default model
+#   make test   create .venv if needed, then ruff and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# `mlflow run` reads the experiment from here; steps started without it use tracking.experiment.
+export MLFLOW_EXPERIMENT_NAME ?= llm-to-mlflow
+
+.PHONY: install run test
+
+# pip (not uv) so that torch==2.13.0 resolves to the local CPU wheel.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . -e fetch --env-manager local
+
+test: install
+	$(BIN)/ruff check steps tests
+	$(BIN)/ruff format --check steps tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
