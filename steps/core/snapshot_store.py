@@ -27,7 +27,6 @@ from steps.core.manifest import (
     FileEntry,
     Manifest,
     hash_tree,
-    list_files,
     mismatched_files,
     sha256_file,
 )
@@ -140,8 +139,8 @@ class SnapshotStore:
         hashes, when the caller already has them)."""
         files = files if files is not None else hash_tree(folder, "hashing")
         manifest = Manifest(model=model, source=source, files=files)
-        for entry, path in zip(manifest.files, list_files(folder), strict=True):
-            self.store_blob(path, entry.sha256, move=move)
+        for entry in manifest.files:
+            self.store_blob(folder / entry.path, entry.sha256, move=move)
         self._publish_snapshot(manifest)
         atomic_write_text(
             self.root / "manifests" / f"{manifest.snapshot_id}.json", manifest.to_json()
