@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from steps.core.manifest import sha256_file
@@ -48,3 +50,17 @@ def test_evicted_files_come_back_on_the_next_ingest(tmp_path: Path) -> None:
     assert store.damaged_files(again) == []
     assert sha256_file(blob) == next(e.sha256 for e in again.files if e.path == "a/b.bin")
     assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_scratch_space_of_a_killed_fetch_is_swept_once_abandoned(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "cache")
+    abandoned = store.root / "tmp" / "staging-killed"
+    (abandoned / "sub").mkdir(parents=True)
+    (abandoned / "sub" / "model.safetensors").write_bytes(b"half")
+    recent = store.root / "tmp" / "staging-live"
+    recent.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(abandoned, (two_days_ago, two_days_ago))
+    SnapshotStore(store.root)
+    assert not abandoned.exists()
+    assert recent.exists()

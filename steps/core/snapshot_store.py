@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from steps.core.manifest import (
 )
 
 log = logging.getLogger(__name__)
+_ABANDONED_AFTER_SECONDS = 24 * 3600
 
 
 def default_cache_root() -> Path:
@@ -56,11 +58,23 @@ class SnapshotStore:
         self.root = Path(root).expanduser().resolve()
         for folder in ("blobs", "snapshots", "manifests", "refs", "locks", "tmp"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        self._sweep_abandoned_temp()
 
     @classmethod
     def open(cls, cache_dir: str | None) -> SnapshotStore:
         """The store at cache_dir, or at the default cache location when it is None."""
         return cls(Path(cache_dir) if cache_dir else default_cache_root())
+
+    def _sweep_abandoned_temp(self) -> None:
+        """A killed fetch cannot clean up after itself; its scratch space is never read, only
+        removed here once it is old enough that no live fetch can still own it."""
+        cutoff = time.time() - _ABANDONED_AFTER_SECONDS
+        for entry in (self.root / "tmp").iterdir():
+            if entry.lstat().st_mtime < cutoff:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def lock(self, ref: str) -> FileLock:
         return FileLock(self.root / "locks" / f"{ref}.lock")
