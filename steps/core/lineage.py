@@ -1,0 +1,79 @@
+"""Which upstream run feeds a step: the fetch run whose snapshot a wrap step turns into a model.
+
+A step either gets a run id (`wrap.fetch_run_id`) or takes the latest FINISHED fetch run of the
+same model variant and source revision in the current experiment, found with a filter string
+on the params every fetch run logs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from steps.core.config import FetchArtifact, PipelineConfig
+from steps.core.errors import PipelineError
+from steps.core.snapshot_store import SnapshotStore
+from steps.core.snapshots import FetchOutcome, manifest_of_run, materialize
+from steps.core.tracking import flat_params
+
+log = logging.getLogger(__name__)
+
+
+def fetch_run_filter(cfg: PipelineConfig, artifact: FetchArtifact) -> str:
+    """The params that make a fetch run's snapshot the one this config asks for."""
+    params = flat_params(cfg)
+    keys = ["model.name", "fetch.artifact"]
+    if artifact is FetchArtifact.prebuilt_onnx:
+        keys += [f"model.prebuilt_onnx.{cfg.compute.name}.{k}" for k in ("repo_id", "revision")]
+        keys += [f"model.prebuilt_onnx.{cfg.compute.name}.subfolder"]
+    else:
+        keys += [f"model.source.{k}" for k in ("kind", "repo_id", "revision", "path", "sha256")]
+    wanted = {key: params[key] for key in keys} | {"fetch.artifact": artifact.value}
+    clauses = [f"params.`{key}` = '{value}'" for key, value in wanted.items()]
+    return " and ".join(
+        ["tags.`pipeline.step` = 'fetch'", "attributes.status = 'FINISHED'", *clauses]
+    )
+
+
+def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchArtifact) -> str:
+    client = MlflowClient()
+    if cfg.wrap.fetch_run_id:
+        try:
+            run = client.get_run(cfg.wrap.fetch_run_id)
+        except MlflowException:
+            raise PipelineError(
+                f"wrap.fetch_run_id={cfg.wrap.fetch_run_id} is not a run in this tracking store"
+            ) from None
+        if run.data.tags.get("pipeline.step") != "fetch" or run.info.status != "FINISHED":
+            raise PipelineError(
+                f"wrap.fetch_run_id={cfg.wrap.fetch_run_id} is not a finished fetch run "
+                f"(step {run.data.tags.get('pipeline.step')!r}, status {run.info.status})"
+            )
+        return run.info.run_id
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=fetch_run_filter(cfg, artifact),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        extra = " -P overrides=fetch.artifact=prebuilt_onnx" if artifact.value != "weights" else ""
+        raise PipelineError(
+            f"no finished fetch run of model={cfg.model.name} ({artifact.value}) with this "
+            f"source in experiment {experiment_id}: run `mlflow run . -e fetch -P model="
+            f"{cfg.model.name} -P compute={cfg.compute.name}{extra}` first, or set "
+            "wrap.fetch_run_id"
+        )
+    log.info("using fetch run %s", runs[0].info.run_id)
+    return runs[0].info.run_id
+
+
+def fetched_snapshot(
+    cfg: PipelineConfig, experiment_id: str, artifact: FetchArtifact = FetchArtifact.weights
+) -> tuple[str, FetchOutcome]:
+    """(fetch run id, the verified snapshot it recorded, on this machine)."""
+    run_id = resolve_fetch_run(cfg, experiment_id, artifact)
+    outcome = materialize(manifest_of_run(run_id), SnapshotStore.open(cfg.fetch.cache_dir))
+    return run_id, outcome
