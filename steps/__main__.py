@@ -18,7 +18,11 @@ import sys
 from steps.core.config import compose_config
 from steps.core.errors import ConfigError, PipelineError
 
-ENTRY_POINTS = {"fetch": "steps.fetch"}
+ENTRY_POINTS = {
+    "fetch": "steps.fetch",
+    "wrap_transformers": "steps.wrap_transformers",
+    "wrap_onnx": "steps.wrap_onnx",
+}
 
 log = logging.getLogger("steps")
 

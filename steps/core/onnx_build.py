@@ -1,0 +1,101 @@
+"""Build an onnxruntime-genai model folder from a fetched HF snapshot, cached by its inputs.
+
+The builder (`python -m onnxruntime_genai.models.builder`) runs in a subprocess so its progress
+shows and its memory is returned. Its output goes to a staging folder and is published into
+the snapshot store under a key of (snapshot id, precision, execution provider, builder options,
+onnxruntime-genai version): the same inputs again are a verified cache hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from steps.core.errors import PipelineError
+from steps.core.manifest import Manifest
+from steps.core.snapshot_store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnnxBuild:
+    model_dir: Path
+    manifest: Manifest
+    cache: str  # hit, miss or repaired
+    seconds: float
+
+
+def build_inputs(
+    snapshot_id: str, precision: str, provider: str, options: dict[str, str]
+) -> dict[str, object]:
+    return {
+        "snapshot_id": snapshot_id,
+        "precision": precision,
+        "execution_provider": provider,
+        "extra_options": dict(sorted(options.items())),
+        "onnxruntime_genai": version("onnxruntime-genai"),
+    }
+
+
+def build_onnx(
+    model: str,
+    snapshot_dir: Path,
+    inputs: dict[str, object],
+    store: SnapshotStore,
+) -> OnnxBuild:
+    started = time.monotonic()
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    ref = f"onnx--{key[:32]}"
+    with store.lock(ref):
+        cached, cache = store.verified(ref)
+        if cached is None:
+            with store.staging() as staging:
+                _run_builder(snapshot_dir, staging / "model", staging / "builder-cache", inputs)
+                source = {"kind": "onnx_build", **inputs}
+                cached = store.ingest(
+                    staging / "model", ref=ref, model=model, source=source, move=True
+                )
+    return OnnxBuild(
+        model_dir=store.snapshot_path(cached.snapshot_id),
+        manifest=cached,
+        cache=cache,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _run_builder(source: Path, output: Path, cache: Path, inputs: dict[str, object]) -> None:
+    command = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(source), "-o", str(output), "-c", str(cache),
+        "-p", str(inputs["precision"]), "-e", str(inputs["execution_provider"]),
+    ]  # fmt: skip
+    options = inputs["extra_options"]
+    if options:
+        command += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
+    log.info("building the ONNX model: %s", " ".join(command[2:]))
+    started = time.monotonic()
+    # Echo the builder's progress as it comes, and keep its last lines for the error message.
+    tail: deque[str] = deque(maxlen=15)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as builder:
+        for line in builder.stdout:
+            sys.stderr.write(line)
+            tail.append(line.rstrip())
+    if builder.returncode != 0 or not (output / "genai_config.json").is_file():
+        said = "\n".join(tail)
+        raise PipelineError(
+            f"the onnxruntime-genai builder failed (exit {builder.returncode}) for precision="
+            f"{inputs['precision']} provider={inputs['execution_provider']} options={options}; "
+            f"check compute.onnx_precision and wrap.onnx_builder_options. It said:\n{said}"
+        )
+    log.info("built the ONNX model in %.1f s", time.monotonic() - started)

@@ -1,0 +1,149 @@
+"""Entry point `wrap_transformers`: the fetched snapshot as an MLflow transformers chat model.
+
+Builds a transformers `text-generation` pipeline on the compute target's device and dtype and
+logs it with `mlflow.transformers.log_model(task="llm/v1/chat")`, so it answers OpenAI-style
+chat requests. Generation defaults come from the `generation` config group (greedy by default:
+the flavor samples unless told otherwise).
+
+Run artifacts: the logged model `model` (a LoggedModel, `models:/m-<id>`), `config.yaml`.
+Tags: `fetch.run_id`, `fetch.snapshot_id`, `model.uri`, `model.runtime`. Metric: `wrap_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from steps.core.config import ComputeConfig, GenerationConfig, PipelineConfig, SourceKind
+from steps.core.errors import PipelineError
+from steps.core.lineage import fetched_snapshot
+from steps.core.snapshots import FetchOutcome
+from steps.core.tracking import step_run
+
+log = logging.getLogger(__name__)
+
+RUNTIME = "transformers"
+CHAT_EXAMPLE = {
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 32,
+}
+
+
+def serving_requirements() -> list[str]:
+    """What loading the model needs, pinned to what built it (the flavor's own inference adds
+    torchvision, which breaks beside the CPU torch wheel)."""
+    return [
+        f"{name}=={version(name)}" for name in ("mlflow", "transformers", "torch", "accelerate")
+    ]
+
+
+def generation_defaults(generation: GenerationConfig) -> dict[str, Any]:
+    """The flavor's `model_config`: defaults for every request."""
+    defaults: dict[str, Any] = {
+        "max_new_tokens": generation.max_new_tokens,
+        "do_sample": generation.do_sample,
+    }
+    if generation.do_sample:
+        defaults |= {"temperature": generation.temperature, "top_p": generation.top_p}
+    return defaults
+
+
+def check_device(compute: ComputeConfig) -> None:
+    """Fail before loading anything when the target's torch device is not on this machine."""
+    import torch
+
+    if compute.torch_device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(
+            f"compute={compute.name} needs a CUDA GPU and a CUDA build of torch; this machine "
+            f"has none (torch {torch.__version__}): use -P compute=cpu"
+        )
+
+
+def build_pipeline(model_dir: Path, compute: ComputeConfig, hub_repo_id: str | None = None):
+    import torch
+    from transformers import pipeline
+
+    chat = pipeline(
+        "text-generation",
+        model=str(model_dir),
+        device=compute.torch_device,
+        dtype=getattr(torch, compute.torch_dtype.value),
+    )
+    if hub_repo_id:
+        # Reference mode: MLflow records the Hub repo named here instead of copying weights.
+        chat.model.name_or_path = hub_repo_id
+        chat.tokenizer.name_or_path = hub_repo_id
+    return chat
+
+
+def check_reference_is_reproducible(snapshot: FetchOutcome) -> None:
+    """MLflow's reference mode records the repo's *current* head commit, not ours: refuse when
+    they differ, since the logged model would then load other weights."""
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo = snapshot.manifest.source["repo_id"]
+    pinned = snapshot.manifest.source["resolved_revision"]
+    try:
+        head = HfApi().model_info(repo).sha
+    except (HfHubHTTPError, OSError, httpx2.HTTPError) as error:
+        raise PipelineError(
+            f"wrap.save_pretrained=false needs the Hub to record a reference to {repo}, and it "
+            f"could not be reached ({type(error).__name__}); use wrap.save_pretrained=true"
+        ) from None
+    if head != pinned:
+        raise PipelineError(
+            f"wrap.save_pretrained=false: MLflow would record {repo} at its current head {head}, "
+            f"but the fetched snapshot is {pinned}; the model would load other weights. Use "
+            "wrap.save_pretrained=true, or pin model.source.revision to the head"
+        )
+
+
+def log_chat_model(chat, cfg: PipelineConfig, fetch_run_id: str, snapshot: FetchOutcome):
+    tags = {
+        "fetch.run_id": fetch_run_id,
+        "fetch.snapshot_id": snapshot.manifest.snapshot_id,
+        "model.variant": cfg.model.name,
+        "model.runtime": RUNTIME,
+        "compute": cfg.compute.name,
+    }
+    return mlflow.transformers.log_model(
+        transformers_model=chat,
+        name="model",
+        task="llm/v1/chat",
+        model_config=generation_defaults(cfg.generation),
+        pip_requirements=serving_requirements(),
+        input_example=CHAT_EXAMPLE,
+        save_pretrained=cfg.wrap.save_pretrained,
+        tags=tags,
+    )
+
+
+def main(cfg: PipelineConfig) -> None:
+    with step_run("wrap_transformers", cfg) as run:
+        started = time.monotonic()
+        check_device(cfg.compute)
+        fetch_run_id, snapshot = fetched_snapshot(cfg, run.info.experiment_id)
+        reference = not cfg.wrap.save_pretrained and cfg.model.source.kind is SourceKind.hub
+        if reference:
+            check_reference_is_reproducible(snapshot)
+        chat = build_pipeline(
+            snapshot.model_dir, cfg.compute, cfg.model.source.repo_id if reference else None
+        )
+        info = log_chat_model(chat, cfg, fetch_run_id, snapshot)
+        mlflow.set_tags(
+            {
+                "fetch.run_id": fetch_run_id,
+                "fetch.snapshot_id": snapshot.manifest.snapshot_id,
+                "model.uri": info.model_uri,
+                "model.runtime": RUNTIME,
+            }
+        )
+        mlflow.log_metric("wrap_seconds", time.monotonic() - started)
+        log.info("logged %s chat model %s", RUNTIME, info.model_uri)
