@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -52,3 +53,37 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
+
+
+@dataclass(frozen=True)
+class WrappedModels:
+    tracking_uri: str
+    fetch_run_id: str
+    transformers_uri: str
+    onnx_uri: str
+    overrides: tuple[str, ...]  # what the steps ran with (cache and tracking store)
+
+
+@pytest.fixture(scope="session")
+def wrapped(
+    bundled_fetch: FetchOutcome, session_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> WrappedModels:
+    """fetch, wrap_transformers and wrap_onnx run once per session on the bundled model, with
+    the default config, into a session tracking store."""
+    from steps import fetch, wrap_onnx, wrap_transformers
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
+    overrides = (f"fetch.cache_dir={session_cache}", f"tracking.uri={uri}")
+    cfg = compose_config(list(overrides))[0]
+    mlflow.set_tracking_uri(uri)
+    uris = {}
+    for step in (fetch, wrap_transformers, wrap_onnx):
+        step.main(cfg)
+        uris[step.__name__] = mlflow.last_active_run()
+    return WrappedModels(
+        tracking_uri=uri,
+        fetch_run_id=uris["steps.fetch"].info.run_id,
+        transformers_uri=uris["steps.wrap_transformers"].data.tags["model.uri"],
+        onnx_uri=uris["steps.wrap_onnx"].data.tags["model.uri"],
+        overrides=overrides,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -85,8 +86,11 @@ def _run_builder(source: Path, output: Path, cache: Path, inputs: dict[str, obje
     started = time.monotonic()
     # Echo the builder's progress as it comes, and keep its last lines for the error message.
     tail: deque[str] = deque(maxlen=15)
+    # The builder stamps `git rev-parse HEAD` of wherever it is installed into the model; inside
+    # a project checkout that is our commit, which would make equal inputs give unequal bytes.
+    env = os.environ | {"GIT_DIR": os.devnull}
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
     ) as builder:
         for line in builder.stdout:
             sys.stderr.write(line)
