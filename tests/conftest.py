@@ -4,6 +4,8 @@ converted once), a throwaway SQLite tracking store per test, and composed config
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,23 @@ from steps.core.snapshot_store import SnapshotStore
 from steps.core.snapshots import FetchOutcome, fetch_snapshot
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlflow_run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local"]
+    return subprocess.run(
+        [*command, *args], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+
+
+def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "HF_"))
+    }
+    # `mlflow run` resolves `python` from PATH: make it this interpreter's environment.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME="e2e", **extra)
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, mlflow_run, project_env
 from fake_hub import FakeHub
 from mlflow import MlflowClient
 
@@ -24,23 +22,6 @@ pytestmark = pytest.mark.slow
 TOKEN = "hf_e2eSecretTokenNeverLogged42"
 GATED_REPO = "org/gated-model"
 GATED_COMMIT = "7" * 40
-
-
-def mlflow_run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local"]
-    return subprocess.run(
-        [*command, *args], env=env, capture_output=True, text=True, timeout=900, check=False
-    )
-
-
-def _env(tracking_uri: str, **extra: str) -> dict[str, str]:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "HF_"))
-    }
-    # `mlflow run` resolves `python` from PATH: make it this interpreter's environment.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME="e2e", **extra)
-    return env
 
 
 def _only_run(experiment: str = "e2e"):
@@ -59,7 +40,11 @@ def test_mlflow_run_fetch_records_what_was_fetched(
     bundled_fetch: FetchOutcome, session_cache: Path, tracking_uri: str
 ) -> None:
     result = mlflow_run(
-        "-e", "fetch", "-P", f"overrides=fetch.cache_dir={session_cache}", env=_env(tracking_uri)
+        "-e",
+        "fetch",
+        "-P",
+        f"overrides=fetch.cache_dir={session_cache}",
+        env=project_env(tracking_uri),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run = _only_run()
@@ -93,7 +78,7 @@ def test_mlflow_run_fetch_records_what_was_fetched(
 
 
 def test_mlflow_run_with_a_bad_variant_fails_before_any_work(tracking_uri: str) -> None:
-    result = mlflow_run("-e", "fetch", "-P", "model=phi4", env=_env(tracking_uri))
+    result = mlflow_run("-e", "fetch", "-P", "model=phi4", env=project_env(tracking_uri))
     assert result.returncode != 0
     assert "unknown model 'phi4': choose one of phi3-mini-128k, phi3-mini-4k" in result.stderr
     assert "Traceback" not in result.stderr
@@ -106,7 +91,7 @@ def test_hf_token_never_reaches_the_run_or_its_logs(tracking_uri: str, tmp_path:
             f"model.source.repo_id={GATED_REPO} model.source.revision={GATED_COMMIT} "
             f"fetch.cache_dir={tmp_path / 'cache'}"
         )
-        env = _env(
+        env = project_env(
             tracking_uri,
             HF_TOKEN=TOKEN,
             HF_ENDPOINT=hub.url,
