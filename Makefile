@@ -1,5 +1,6 @@
 # Two commands for a fresh machine (see README.md):
 #   make run    create .venv, install the project, run the pipeline on the bundled default model
+#               (fetch, wrap_transformers, wrap_onnx: each a `mlflow run` of its entry point)
 #   make test   create .venv if needed, then ruff and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +18,12 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+STEPS := fetch wrap_transformers wrap_onnx
+
 run: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . -e fetch --env-manager local
+	for step in $(STEPS); do \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . -e $$step --env-manager local || exit 1; \
+	done
 
 test: install
 	$(BIN)/ruff check steps tests
