@@ -112,7 +112,7 @@ class OnnxFolder:
     source: OnnxSource  # built or prebuilt
     cache: str  # hit, miss or repaired
     seconds: float
-    precision: str  # the builder's precision, or the prebuilt export's folder name
+    precision: str  # the builder's precision (and options), or the prebuilt export's folder name
 
 
 def onnx_folder(cfg: PipelineConfig, experiment_id: str) -> OnnxFolder:
@@ -136,9 +136,11 @@ def onnx_folder(cfg: PipelineConfig, experiment_id: str) -> OnnxFolder:
     )
     store = SnapshotStore.open(cfg.fetch.cache_dir)
     built = build_onnx(cfg.model.name, fetched.model_dir, inputs, store)
+    # Builder options change the model: they are part of its name (int4-k_quant_last).
+    label = "-".join([cfg.compute.onnx_precision.value, *inputs["extra_options"].values()])
     return OnnxFolder(
         fetch_run_id, fetched.manifest.snapshot_id, built.model_dir, built.manifest,
-        source, built.cache, built.seconds, cfg.compute.onnx_precision.value,
+        source, built.cache, built.seconds, label,
     )  # fmt: skip
 
 

@@ -97,6 +97,17 @@ def test_bad_config_names_the_problem(overrides: list[str], expected: str) -> No
     assert "\n" not in str(raised.value)
 
 
+def test_builder_options_are_added_one_override_each() -> None:
+    cfg = compose_config(
+        [
+            "compute.onnx_precision=int4",
+            "+wrap.onnx_builder_options.algo_config=k_quant_last",
+            "+wrap.onnx_builder_options.block_size=64",
+        ]
+    )[0]
+    assert cfg.wrap.onnx_builder_options == {"algo_config": "k_quant_last", "block_size": "64"}
+
+
 def test_overrides_parameter_is_split_like_a_shell() -> None:
     # `mlflow run -P overrides="a=1 b='x y'"` arrives as one argument.
     assert hydra_overrides(

@@ -230,3 +230,15 @@ def test_rebuilding_the_same_onnx_inputs_is_a_cache_hit(bundled_fetch, session_c
     assert again.cache == "hit"
     assert again.manifest.snapshot_id == first.manifest.snapshot_id
     assert {e.path for e in again.manifest.files} >= {"genai_config.json", "model.onnx"}
+
+
+def test_transformers_flavor_behaviour_the_readme_documents(wrapped: WrappedModels) -> None:
+    mlflow.set_tracking_uri(wrapped.tracking_uri)
+    model = mlflow.pyfunc.load_model(wrapped.transformers_uri)
+    greedy = model.predict({"messages": QUESTION, "max_tokens": 16})[0]["choices"][0]
+    zero = model.predict({"messages": QUESTION, "max_tokens": 16, "temperature": 0})[0]
+    assert zero["choices"][0]["message"] == greedy["message"]
+    with pytest.raises(MlflowException, match="not valid for pipeline"):
+        model.predict({"messages": QUESTION, "n": 2})
+    stopped = model.predict({"messages": QUESTION, "stop": ["Paris"]})[0]["choices"][0]
+    assert stopped["message"]["content"].endswith("Paris")
