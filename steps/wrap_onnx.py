@@ -14,6 +14,7 @@ with its sha256, and the build inputs), `config.yaml`. Tags: `fetch.run_id`,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -21,7 +22,6 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.models import ModelSignature
@@ -93,16 +93,6 @@ def model_name(cfg: PipelineConfig, precision: str) -> str:
     return f"{cfg.model.name}-onnx-{precision}-{cfg.compute.onnx_provider.value}"
 
 
-def generation_defaults(cfg: PipelineConfig) -> dict[str, Any]:
-    g = cfg.generation
-    return {
-        "max_new_tokens": g.max_new_tokens,
-        "do_sample": g.do_sample,
-        "temperature": g.temperature,
-        "top_p": g.top_p,
-    }
-
-
 @dataclass(frozen=True)
 class OnnxFolder:
     fetch_run_id: str
@@ -156,7 +146,7 @@ def log_onnx_chat_model(cfg: PipelineConfig, folder: Path, name: str, tags: dict
             model_config={
                 "model_name": name,
                 "provider": cfg.compute.onnx_provider.value,
-                "generation": generation_defaults(cfg),
+                "generation": dataclasses.asdict(cfg.generation),
             },
             signature=chat_signature(),
             input_example=CHAT_EXAMPLE,

@@ -105,14 +105,7 @@ def check_reference_is_reproducible(snapshot: FetchOutcome) -> None:
         )
 
 
-def log_chat_model(chat, cfg: PipelineConfig, fetch_run_id: str, snapshot: FetchOutcome):
-    tags = {
-        "fetch.run_id": fetch_run_id,
-        "fetch.snapshot_id": snapshot.manifest.snapshot_id,
-        "model.variant": cfg.model.name,
-        "model.runtime": RUNTIME,
-        "compute": cfg.compute.name,
-    }
+def log_chat_model(chat, cfg: PipelineConfig, tags: dict[str, str]):
     return mlflow.transformers.log_model(
         transformers_model=chat,
         name="model",
@@ -136,14 +129,14 @@ def main(cfg: PipelineConfig) -> None:
         chat = build_pipeline(
             snapshot.model_dir, cfg.compute, cfg.model.source.repo_id if reference else None
         )
-        info = log_chat_model(chat, cfg, fetch_run_id, snapshot)
-        mlflow.set_tags(
-            {
-                "fetch.run_id": fetch_run_id,
-                "fetch.snapshot_id": snapshot.manifest.snapshot_id,
-                "model.uri": info.model_uri,
-                "model.runtime": RUNTIME,
-            }
-        )
+        tags = {
+            "fetch.run_id": fetch_run_id,
+            "fetch.snapshot_id": snapshot.manifest.snapshot_id,
+            "model.variant": cfg.model.name,
+            "model.runtime": RUNTIME,
+            "compute": cfg.compute.name,
+        }
+        info = log_chat_model(chat, cfg, tags)
+        mlflow.set_tags(tags | {"model.uri": info.model_uri})
         mlflow.log_metric("wrap_seconds", time.monotonic() - started)
         log.info("logged %s chat model %s", RUNTIME, info.model_uri)
