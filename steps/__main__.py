@@ -22,6 +22,9 @@ ENTRY_POINTS = {
     "fetch": "steps.fetch",
     "wrap_transformers": "steps.wrap_transformers",
     "wrap_onnx": "steps.wrap_onnx",
+    "evaluate": "steps.evaluate",
+    "register": "steps.register",
+    "main": "steps.main",
 }
 
 log = logging.getLogger("steps")
@@ -46,14 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compute", help="compute target (conf/compute/)")
     parser.add_argument("--overrides", default="", help='more Hydra overrides: "a.b=1 c=2"')
+    parser.add_argument("--steps", help="main only: comma-separated steps to run")
+    parser.add_argument("--rerun", help="main only: true reruns steps that could be reused")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        cfg = compose_config(hydra_overrides(args.model, args.compute, args.overrides))[0]
+        overrides = hydra_overrides(args.model, args.compute, args.overrides)
+        if args.steps:
+            overrides.append(f"main.steps=[{args.steps}]")
+        if args.rerun:
+            overrides.append(f"main.rerun={args.rerun}")
+        cfg = compose_config(overrides)[0]
         step = importlib.import_module(ENTRY_POINTS[args.entry_point])
-        step.main(cfg)
+        if args.entry_point == "main":
+            # main hands the user's overrides on to its child runs (model and compute travel
+            # as their own parameters).
+            step.main(cfg, hydra_overrides(None, None, args.overrides))
+        else:
+            step.main(cfg)
     except PipelineError as error:
         print(f"error: {args.entry_point}: {error}", file=sys.stderr)
         return error.exit_code

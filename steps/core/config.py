@@ -192,6 +192,59 @@ class WrapConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    dataset: str = MISSING
+    max_items: int | None = None
+    max_new_tokens: int = 48
+    wrap_run_ids: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.max_items is not None and self.max_items <= 0:
+            raise ValueError(f"evaluate.max_items={self.max_items} must be positive or null")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"evaluate.max_new_tokens={self.max_new_tokens} must be positive")
+
+
+class Choice(StrEnum):
+    best = "best"  # highest accuracy, ties broken by decode speed
+    transformers = "transformers"
+    onnx = "onnx"
+
+
+@dataclass
+class RegisterConfig:
+    evaluate_run_id: str | None = None
+    choose: Choice = Choice.best
+    min_accuracy: float = MISSING
+    max_p95_latency_s: float = MISSING
+    # When the chosen model fails the gate: register it as `challenger` instead of failing.
+    allow_challenger: bool = False
+
+    def validate(self) -> None:
+        if not 0 <= self.min_accuracy <= 1:
+            raise ValueError(f"register.min_accuracy={self.min_accuracy} must be in [0, 1]")
+        if self.max_p95_latency_s <= 0:
+            raise ValueError(f"register.max_p95_latency_s={self.max_p95_latency_s} must be > 0")
+
+
+STEP_ORDER = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register")
+
+
+@dataclass
+class MainConfig:
+    steps: list[str] = field(default_factory=lambda: list(STEP_ORDER))
+    rerun: bool = False
+
+    def validate(self) -> None:
+        unknown = [step for step in self.steps if step not in STEP_ORDER]
+        if unknown or not self.steps:
+            raise ValueError(
+                f"main.steps={self.steps}: choose from {', '.join(STEP_ORDER)} "
+                "(e.g. -P steps=evaluate,register)"
+            )
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None
     experiment: str = "llm-to-mlflow"
@@ -204,11 +257,17 @@ class PipelineConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     wrap: WrapConfig = field(default_factory=WrapConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    main: MainConfig = field(default_factory=MainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.generation.validate()
+        self.evaluate.validate()
+        self.register.validate()
+        self.main.validate()
         if (
             self.wrap.onnx_source is OnnxSource.prebuilt
             and self.compute.name not in self.model.prebuilt_onnx
@@ -243,6 +302,9 @@ def _register_schemas() -> None:
     store.store(group="fetch", name="fetch_schema", node=FetchConfig)
     store.store(group="generation", name="generation_schema", node=GenerationConfig)
     store.store(group="wrap", name="wrap_schema", node=WrapConfig)
+    store.store(group="evaluate", name="evaluate_schema", node=EvaluateConfig)
+    store.store(group="register", name="register_schema", node=RegisterConfig)
+    store.store(group="main", name="main_schema", node=MainConfig)
     store.store(group="tracking", name="tracking_schema", node=TrackingConfig)
 
 

@@ -51,6 +51,11 @@ def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchAr
                 f"wrap.fetch_run_id={cfg.wrap.fetch_run_id} is not a finished fetch run "
                 f"(step {run.data.tags.get('pipeline.step')!r}, status {run.info.status})"
             )
+        if run.data.params.get("fetch.artifact") != artifact.value:
+            raise PipelineError(
+                f"wrap.fetch_run_id={cfg.wrap.fetch_run_id} fetched "
+                f"{run.data.params.get('fetch.artifact')}, but this step needs {artifact.value}"
+            )
         return run.info.run_id
     runs = client.search_runs(
         [experiment_id],

@@ -3,6 +3,8 @@ versions of the packages that decide the results."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -38,6 +40,29 @@ def git_state(root: Path = PROJECT_ROOT) -> tuple[str, bool | None]:
     except (OSError, subprocess.CalledProcessError):
         return "unknown", None
     return commit, dirty
+
+
+def git_diff_sha256(root: Path = PROJECT_ROOT) -> str:
+    """A digest of the uncommitted changes (tracked diffs and untracked files), so runs from
+    the same dirty tree can be told apart from runs of other local edits."""
+    digest = hashlib.sha256()
+    try:
+        diff = subprocess.run(
+            ["git", "-C", str(root), "diff", "HEAD", "--binary"], capture_output=True, check=True
+        ).stdout
+        untracked = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "--others", "--exclude-standard", "-z"],
+            capture_output=True,
+            check=True,
+        ).stdout.split(b"\0")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    digest.update(diff)
+    for name in sorted(filter(None, untracked)):
+        digest.update(name + b"\0")
+        with contextlib.suppress(OSError):
+            digest.update((root / name.decode()).read_bytes())
+    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from steps.core.config import PipelineConfig
 from steps.core.errors import PipelineError
-from steps.core.provenance import PROJECT_ROOT, git_state, package_versions
+from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state, package_versions
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = PROJECT_ROOT / "mlflow.db"
@@ -78,6 +78,8 @@ def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
         "git.dirty": "unknown" if dirty is None else str(dirty).lower(),
         "config.sha256": hashlib.sha256(resolved_config_yaml(cfg).encode()).hexdigest(),
     }
+    if dirty:
+        tags["git.diff_sha256"] = git_diff_sha256()
     tags.update({f"versions.{name}": v for name, v in package_versions().items()})
     return tags
 

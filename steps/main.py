@@ -1,0 +1,174 @@
+"""Entry point `main`: the whole pipeline as child runs under one parent run.
+
+fetch -> wrap_transformers + wrap_onnx -> evaluate -> register, with the same model and compute
+choices and overrides for all, each step handed the run ids of the steps before it. Like MLflow's
+multistep_workflow example, a step whose inputs match an earlier FINISHED run is reused instead
+of rerun: same entry point, same git commit (and local changes), same resolved step config,
+which includes the upstream run ids. Reuse is decided here, in the parent, with one search per
+step, before any child process starts. `main.rerun=true` reruns everything; `main.steps` runs a
+subset (the others resolve to their latest runs, as when a step is run alone).
+
+Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, `main.model_uri.<runtime>`,
+`main.registered` (name, version and alias).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import time
+
+import mlflow
+import mlflow.projects
+from mlflow import MlflowClient
+from mlflow.projects import ExecutionException
+
+from steps.core.config import STEP_ORDER, FetchArtifact, OnnxSource, PipelineConfig, compose_config
+from steps.core.errors import PipelineError
+from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state
+from steps.core.tracking import resolved_config_yaml, step_run
+
+log = logging.getLogger(__name__)
+
+
+def child_overrides(step: str, forwarded: list[str], upstream: dict[str, str]) -> list[str]:
+    """The user's overrides plus the run ids this step builds on (from this pipeline run)."""
+    extra: list[str] = []
+    if step == "wrap_transformers" and "fetch" in upstream:
+        extra.append(f"wrap.fetch_run_id={upstream['fetch']}")
+    onnx_input = upstream.get("fetch_onnx", upstream.get("fetch"))
+    if step == "wrap_onnx" and onnx_input:
+        extra.append(f"wrap.fetch_run_id={onnx_input}")
+    if step == "evaluate":
+        wraps = [upstream[s] for s in ("wrap_transformers", "wrap_onnx") if s in upstream]
+        if wraps:
+            extra.append(f"evaluate.wrap_run_ids=[{','.join(wraps)}]")
+    if step == "register" and "evaluate" in upstream:
+        extra.append(f"register.evaluate_run_id={upstream['evaluate']}")
+    return [o for o in forwarded if not o.lstrip("+~").startswith("main.")] + extra
+
+
+def reusable_run(step: str, config_sha256: str, experiment_id: str) -> str | None:
+    """A FINISHED run of this step with the same code and the same resolved config."""
+    commit, dirty = git_state()
+    if commit == "unknown":
+        return None
+    clauses = [
+        f"tags.`pipeline.step` = '{step}'",
+        "attributes.status = 'FINISHED'",
+        f"tags.`config.sha256` = '{config_sha256}'",
+        f"tags.`git.commit` = '{commit}'",
+        f"tags.`git.dirty` = '{str(dirty).lower()}'",
+    ]
+    if dirty:
+        clauses.append(f"tags.`git.diff_sha256` = '{git_diff_sha256()}'")
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def run_child(
+    step: str, cfg: PipelineConfig, overrides: list[str], experiment_id: str, parent_id: str
+) -> str:
+    try:
+        submitted = mlflow.projects.run(
+            uri=str(PROJECT_ROOT),
+            entry_point=_entry(step),
+            parameters={
+                "model": cfg.model.name,
+                "compute": cfg.compute.name,
+                "overrides": shlex.join(overrides),
+            },
+            env_manager="local",
+            experiment_id=experiment_id,
+            synchronous=True,
+        )
+    except ExecutionException as error:
+        raise PipelineError(f"step {step} failed: {error}; its log above says why") from None
+    # Linked the way MLflow nests runs, so the UI shows the pipeline as one tree.
+    MlflowClient().set_tag(submitted.run_id, "mlflow.parentRunId", parent_id)
+    return submitted.run_id
+
+
+def main(cfg: PipelineConfig, forwarded: list[str]) -> None:
+    with step_run("main", cfg) as parent:
+        experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
+        started = time.monotonic()
+        steps = [s for s in STEP_ORDER if s in cfg.main.steps]
+        if "wrap_onnx" in steps and _uses_prebuilt_onnx(cfg):
+            steps.insert(steps.index("wrap_onnx"), "fetch_onnx")
+        upstream: dict[str, str] = {}
+        for step in steps:
+            overrides = child_overrides(step, forwarded, upstream)
+            if step == "fetch_onnx":
+                overrides.append(f"fetch.artifact={FetchArtifact.prebuilt_onnx.value}")
+            child_cfg = compose_config(
+                [f"model={cfg.model.name}", f"compute={cfg.compute.name}", *overrides]
+            )[0]
+            digest = hashlib.sha256(resolved_config_yaml(child_cfg).encode()).hexdigest()
+            reused = None if cfg.main.rerun else reusable_run(_entry(step), digest, experiment_id)
+            if reused:
+                log.info(
+                    "step %s: reusing run %s (same commit, config and upstream runs)", step, reused
+                )
+                upstream[step] = reused
+            else:
+                log.info("step %s: running", step)
+                upstream[step] = run_child(step, cfg, overrides, experiment_id, parent_id)
+            mlflow.set_tags(
+                {
+                    f"main.{step}.run_id": upstream[step],
+                    f"main.{step}.reused": str(bool(reused)).lower(),
+                }
+            )
+        mlflow.log_metric("main_seconds", time.monotonic() - started)
+        _summarize(upstream)
+
+
+def _entry(step: str) -> str:
+    return "fetch" if step == "fetch_onnx" else step
+
+
+def _uses_prebuilt_onnx(cfg: PipelineConfig) -> bool:
+    source = cfg.wrap.onnx_source
+    return source is OnnxSource.prebuilt or (
+        source is OnnxSource.auto and cfg.compute.name in cfg.model.prebuilt_onnx
+    )
+
+
+def _summarize(upstream: dict[str, str]) -> None:
+    """Record the lineage on the parent run and say where to look."""
+    client = MlflowClient()
+    tags = {}
+    for step in ("wrap_transformers", "wrap_onnx"):
+        if step in upstream:
+            child = client.get_run(upstream[step]).data.tags
+            tags[f"main.model_uri.{child['model.runtime']}"] = child["model.uri"]
+    lines = [
+        "pipeline finished. Look at it with:",
+        "  mlflow ui --backend-store-uri " + mlflow.get_tracking_uri(),
+    ]
+    if "evaluate" in upstream:
+        metrics = client.get_run(upstream["evaluate"]).data.metrics
+        headline = {
+            k: round(v, 3)
+            for k, v in sorted(metrics.items())
+            if k.endswith((".accuracy", ".tokens_per_s", ".latency_p95_s"))
+        }
+        lines.append(f"  evaluation ({upstream['evaluate']}): {headline}")
+    if "register" in upstream:
+        child = client.get_run(upstream["register"]).data.tags
+        name, version, alias = (
+            child["register.model_name"],
+            child["register.version"],
+            child["register.alias"],
+        )
+        tags["main.registered"] = f"{name} v{version} @{alias}"
+        lines.append(f"  registered: models:/{name}@{alias} (version {version})")
+    mlflow.set_tags(tags)
+    log.info("\n".join(lines))

@@ -1,0 +1,124 @@
+"""The evaluation set, the answer checks, and the choices register makes, on plain values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from steps.core.config import Choice, compose_config
+from steps.core.errors import PipelineError
+from steps.core.evaluation import (
+    CandidateResult,
+    ItemResult,
+    answer_matches,
+    is_correct,
+    load_eval_set,
+    parity,
+    summarize,
+)
+from steps.evaluate import dataset_path
+from steps.register import choose, gate_failures, pick_alias
+
+WRONG_REPLIES = ["I don't know.", "", "Banana.", "The answer is 1000001."]
+
+
+@pytest.fixture(scope="module")
+def eval_set():
+    return load_eval_set(dataset_path(compose_config([])[0]))
+
+
+def test_shipped_set_is_versioned_and_mixed(eval_set) -> None:
+    assert eval_set.name == "chat-basics-v1"
+    assert len(eval_set.items) == 30
+    assert len({item.id for item in eval_set.items}) == 30
+    assert {item.category for item in eval_set.items} == {"factual", "arithmetic", "instruction"}
+    assert len(eval_set.sha256) == 64
+
+
+def test_scorer_accepts_each_reference_and_rejects_wrong_replies(eval_set) -> None:
+    for item in eval_set.items:
+        expectations = {"accept": list(item.accept)}
+        assert answer_matches(outputs=item.reference, expectations=expectations), item.id
+        for wrong in WRONG_REPLIES:
+            assert not answer_matches(outputs=wrong, expectations=expectations), (item.id, wrong)
+
+
+def test_answer_checks_on_known_model_replies() -> None:
+    assert is_correct("The capital of Japan is Tokyo.", (r"\btokyo\b",))
+    assert not is_correct("18 divided by 2 is 13.", (r"(?<![\d.-])(9|nine)(?![\d.])",))
+    assert is_correct("3 + 5 = 8", (r"(?<![\d.-])(8|eight)(?![\d.])",))
+
+
+def test_a_broken_eval_line_is_reported_by_line_number(tmp_path: Path) -> None:
+    broken = tmp_path / "set.jsonl"
+    good = {"id": "a", "question": "q", "reference": "r", "accept": ["r"]}
+    broken.write_text(json.dumps(good) + "\n" + '{"id": "b", "question": "q"}\n')
+    with pytest.raises(PipelineError, match=r"set.jsonl:2: not an evaluation item"):
+        load_eval_set(broken)
+    broken.write_text(json.dumps(good) + "\n\n")
+    assert [item.id for item in load_eval_set(broken).items] == ["a"]
+
+
+def _candidate(
+    label: str, answers: list[str], correct: list[bool], latency: float
+) -> CandidateResult:
+    result = CandidateResult(label, f"models:/m-{label}", load_seconds=1.0, peak_rss_mb=100.0)
+    result.items = [
+        ItemResult(f"i{n}", answer, ok, latency, None, 10, 5)
+        for n, (answer, ok) in enumerate(zip(answers, correct, strict=True))
+    ]
+    return result
+
+
+def test_summary_and_parity() -> None:
+    a = _candidate("a", ["x", "y", "z", "w"], [True, True, False, False], 2.0)
+    b = _candidate("b", ["x", "y", "q", "w"], [True, True, True, False], 1.0)
+    b.items[3].error, b.items[3].answer = "RuntimeError: boom", ""
+    summary = summarize(b)
+    assert summary["accuracy"] == 0.75
+    assert summary["errors"] == 1
+    assert summary["completion_tokens"] == 15
+    assert summary["latency_p95_s"] == 1.0
+    assert parity([a, b]) == 0.5
+
+
+def _entry(label: str, runtime: str, accuracy: float, tokens_per_s: float) -> dict:
+    summary = {"accuracy": accuracy, "tokens_per_s": tokens_per_s, "latency_p95_s": 2.0}
+    return {
+        "label": label,
+        "runtime": runtime,
+        "model_uri": f"models:/m-{label}",
+        "wrap_run_id": label,
+        "summary": summary,
+    }
+
+
+def test_best_is_accuracy_first_then_speed() -> None:
+    candidates = [
+        _entry("transformers", "transformers", 0.4, 15.0),
+        _entry("onnx-fp32", "onnxruntime-genai", 0.4, 20.0),
+        _entry("onnx-int4", "onnxruntime-genai", 0.3, 80.0),
+    ]
+    assert choose(candidates, Choice.best).label == "onnx-fp32"
+    assert choose(candidates, Choice.transformers).label == "transformers"
+    with pytest.raises(PipelineError, match="no such candidate"):
+        choose(candidates[2:], Choice.transformers)
+
+
+def test_gate_and_aliases() -> None:
+    gate = compose_config([])[0].register
+    assert gate_failures({"accuracy": 0.4, "latency_p95_s": 3.0}, gate) == []
+    failures = gate_failures({"accuracy": 0.1, "latency_p95_s": 99.0}, gate)
+    assert len(failures) == 2 and "min_accuracy" in failures[0]
+    champion = SimpleNamespace(
+        version="1", tags={"metrics.accuracy": "0.4", "metrics.tokens_per_s": "20"}
+    )
+    better, worse = {"accuracy": 0.5, "tokens_per_s": 1.0}, {"accuracy": 0.4, "tokens_per_s": 10.0}
+    assert pick_alias(False, None, "1", worse) == "champion"
+    assert pick_alias(False, champion, "2", better) == "champion"
+    assert pick_alias(False, champion, "2", worse) == "challenger"
+    assert pick_alias(False, champion, "1", worse) == "champion"  # re-registering the champion
+    assert pick_alias(True, None, "1", better) == "challenger"

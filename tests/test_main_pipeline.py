@@ -1,0 +1,133 @@
+"""`mlflow run .` end to end on the bundled model, twice: the second run reuses every step.
+Then the registry, the evaluation artifacts and the gate's failure path are checked."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import mlflow_run, project_env
+from mlflow import MlflowClient
+
+from steps import register
+from steps.core.errors import PipelineError
+
+pytestmark = pytest.mark.slow
+STEPS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register")
+REGISTERED = "smollm2-135m-onnx-cpu"
+
+
+@dataclass(frozen=True)
+class PipelineRuns:
+    tracking_uri: str
+    cold: object  # the parent runs
+    warm: object
+    cold_seconds: float
+    warm_seconds: float
+    cache_override: str
+
+
+def _main_runs() -> list:
+    return mlflow.search_runs(
+        experiment_names=["e2e"],
+        filter_string="tags.`pipeline.step` = 'main'",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline(bundled_fetch, session_cache: Path, tmp_path_factory) -> PipelineRuns:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('pipeline') / 'mlflow.db'}"
+    override = f"fetch.cache_dir={session_cache}"
+    seconds = []
+    for _ in range(2):
+        started = time.monotonic()
+        result = mlflow_run("-P", f"overrides={override}", env=project_env(uri))
+        seconds.append(time.monotonic() - started)
+        assert result.returncode == 0, result.stderr[-4000:]
+    mlflow.set_tracking_uri(uri)
+    cold, warm = _main_runs()
+    print(f"\nmlflow run . cold {seconds[0]:.1f} s, warm {seconds[1]:.1f} s "
+          f"({seconds[1] / seconds[0]:.1%})")  # fmt: skip
+    return PipelineRuns(uri, cold, warm, seconds[0], seconds[1], override)
+
+
+def test_champion_is_registered_and_answers_by_alias(pipeline: PipelineRuns) -> None:
+    mlflow.set_tracking_uri(pipeline.tracking_uri)
+    version = MlflowClient().get_model_version_by_alias(REGISTERED, "champion")
+    assert version.tags["evaluate.run_id"] == pipeline.cold.data.tags["main.evaluate.run_id"]
+    assert version.tags["git.commit"] == pipeline.cold.data.tags["git.commit"]
+    assert {"config.sha256", "fetch.manifest_sha256", "metrics.accuracy"} <= set(version.tags)
+    assert "Accuracy" in version.description and "Git commit" in version.description
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion")
+    answer = model.predict(
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    )
+    assert "Paris" in answer[0]["choices"][0]["message"]["content"]
+
+
+def test_evaluate_run_holds_metrics_tables_chart_and_dataset(pipeline: PipelineRuns) -> None:
+    mlflow.set_tracking_uri(pipeline.tracking_uri)
+    run = mlflow.get_run(pipeline.cold.data.tags["main.evaluate.run_id"])
+    metrics = run.data.metrics
+    for label in ("transformers", "onnx-fp32"):
+        for key in (
+            "accuracy",
+            "latency_p50_s",
+            "latency_p95_s",
+            "tokens_per_s",
+            "peak_rss_mb",
+            "load_seconds",
+        ):
+            assert f"{label}.{key}" in metrics, (label, key)
+    assert "onnx-fp32.ttft_mean_s" in metrics
+    # fp32 on both runtimes: the same greedy answers, so the same accuracy.
+    assert metrics["parity"] == 1.0
+    assert metrics["transformers.accuracy"] == metrics["onnx-fp32.accuracy"] >= 0.3
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/items.json", "eval/summary.json", "eval/comparison.png"} <= artifacts
+    items = mlflow.load_table("eval/items.json", run_ids=[run.info.run_id])
+    assert len(items) == 30 and "onnx-fp32 correct" in items.columns
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "chat-basics-v1"
+    assert run.data.tags["evaluate.dataset_sha256"]
+
+
+def test_parent_run_records_the_lineage(pipeline: PipelineRuns) -> None:
+    mlflow.set_tracking_uri(pipeline.tracking_uri)
+    tags = pipeline.cold.data.tags
+    for step in STEPS:
+        child = mlflow.get_run(tags[f"main.{step}.run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == pipeline.cold.info.run_id
+        assert child.data.tags["pipeline.step"] == step
+    assert tags["main.registered"].startswith(f"{REGISTERED} v1 @champion")
+    assert tags["main.model_uri.onnxruntime-genai"].startswith("models:/m-")
+
+
+def test_second_run_reuses_every_step(pipeline: PipelineRuns) -> None:
+    tags = pipeline.warm.data.tags
+    assert all(tags[f"main.{step}.reused"] == "true" for step in STEPS)
+    assert all(
+        tags[f"main.{s}.run_id"] == pipeline.cold.data.tags[f"main.{s}.run_id"] for s in STEPS
+    )
+    assert (
+        len(MlflowClient(pipeline.tracking_uri).search_model_versions(f"name='{REGISTERED}'")) == 1
+    )
+
+
+def test_failing_the_gate_leaves_the_champion_untouched(
+    pipeline: PipelineRuns, compose, monkeypatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline.tracking_uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = MlflowClient(pipeline.tracking_uri)
+    before = client.get_model_version_by_alias(REGISTERED, "champion").version
+    cfg = compose(pipeline.cache_override, "register.min_accuracy=1.0", "tracking.experiment=e2e")
+    with pytest.raises(PipelineError, match=r"failed the quality gate .* nothing was registered"):
+        register.main(cfg)
+    assert client.get_model_version_by_alias(REGISTERED, "champion").version == before
+    assert len(client.search_model_versions(f"name='{REGISTERED}'")) == 1
