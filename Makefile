@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README.md):
-#   make run    create .venv, install the project, run the pipeline on the bundled default model
-#               (fetch, wrap_transformers, wrap_onnx: each a `mlflow run` of its entry point)
+#   make run    create .venv, install the project, run the whole pipeline (`mlflow run .`, entry
+#               point main) on the bundled default model
 #   make test   create .venv if needed, then ruff and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,12 +18,8 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-STEPS := fetch wrap_transformers wrap_onnx
-
 run: install
-	for step in $(STEPS); do \
-	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . -e $$step --env-manager local || exit 1; \
-	done
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local
 
 test: install
 	$(BIN)/ruff check steps tests
