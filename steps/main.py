@@ -14,6 +14,7 @@ Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, `main.m
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import shlex
@@ -23,8 +24,16 @@ import mlflow
 import mlflow.projects
 from mlflow import MlflowClient
 from mlflow.projects import ExecutionException
+from omegaconf import DictConfig, OmegaConf
 
-from steps.core.config import STEP_ORDER, FetchArtifact, OnnxSource, PipelineConfig, compose_config
+from steps.core.config import (
+    STEP_ORDER,
+    FetchArtifact,
+    OnnxSource,
+    PipelineConfig,
+    compose_raw,
+    to_typed,
+)
 from steps.core.errors import PipelineError
 from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state
 from steps.core.tracking import resolved_config_yaml, step_run
@@ -32,21 +41,46 @@ from steps.core.tracking import resolved_config_yaml, step_run
 log = logging.getLogger(__name__)
 
 
-def child_overrides(step: str, forwarded: list[str], upstream: dict[str, str]) -> list[str]:
-    """The user's overrides plus the run ids this step builds on (from this pipeline run)."""
-    extra: list[str] = []
-    if step == "wrap_transformers" and "fetch" in upstream:
-        extra.append(f"wrap.fetch_run_id={upstream['fetch']}")
+def upstream_settings(step: str, upstream: dict[str, str]) -> dict[str, str | list[str]]:
+    """The config keys that hand a step the run ids it builds on (from this pipeline run)."""
+    settings: dict[str, str | list[str]] = {}
     onnx_input = upstream.get("fetch_onnx", upstream.get("fetch"))
-    if step == "wrap_onnx" and onnx_input:
-        extra.append(f"wrap.fetch_run_id={onnx_input}")
-    if step == "evaluate":
+    if step == "fetch_onnx":
+        settings["fetch.artifact"] = FetchArtifact.prebuilt_onnx.value
+    elif step == "wrap_transformers" and "fetch" in upstream:
+        settings["wrap.fetch_run_id"] = upstream["fetch"]
+    elif step == "wrap_onnx" and onnx_input:
+        settings["wrap.fetch_run_id"] = onnx_input
+    elif step == "evaluate":
         wraps = [upstream[s] for s in ("wrap_transformers", "wrap_onnx") if s in upstream]
         if wraps:
-            extra.append(f"evaluate.wrap_run_ids=[{','.join(wraps)}]")
-    if step == "register" and "evaluate" in upstream:
-        extra.append(f"register.evaluate_run_id={upstream['evaluate']}")
-    return [o for o in forwarded if not o.lstrip("+~").startswith("main.")] + extra
+            settings["evaluate.wrap_run_ids"] = wraps
+    elif step == "register" and "evaluate" in upstream:
+        settings["register.evaluate_run_id"] = upstream["evaluate"]
+    return settings
+
+
+def as_overrides(settings: dict[str, str | list[str]]) -> list[str]:
+    """Hydra override strings; values quoted so a run id never parses as a number."""
+
+    def quoted(value: str) -> str:
+        return "'" + value + "'"
+
+    return [
+        f"{key}=[{','.join(map(quoted, value))}]"
+        if isinstance(value, list)
+        else f"{key}={quoted(value)}"
+        for key, value in settings.items()
+    ]
+
+
+def step_config_sha256(base: DictConfig, settings: dict[str, str | list[str]]) -> str:
+    """The config.sha256 tag the child run will carry (composing once and updating a copy is
+    much cheaper than a Hydra compose per step)."""
+    node = copy.deepcopy(base)
+    for key, value in settings.items():
+        OmegaConf.update(node, key, value, merge=False)
+    return hashlib.sha256(resolved_config_yaml(to_typed(node)).encode()).hexdigest()
 
 
 def reusable_run(step: str, config_sha256: str, experiment_id: str) -> str | None:
@@ -103,22 +137,21 @@ def main(cfg: PipelineConfig, forwarded: list[str]) -> None:
         if "wrap_onnx" in steps and _uses_prebuilt_onnx(cfg):
             steps.insert(steps.index("wrap_onnx"), "fetch_onnx")
         upstream: dict[str, str] = {}
+        # Children get the user's overrides (minus main's own) and model/compute as params.
+        forwarded = [o for o in forwarded if not o.lstrip("+~").startswith("main.")]
+        base = compose_raw([f"model={cfg.model.name}", f"compute={cfg.compute.name}", *forwarded])
         for step in steps:
-            overrides = child_overrides(step, forwarded, upstream)
-            if step == "fetch_onnx":
-                overrides.append(f"fetch.artifact={FetchArtifact.prebuilt_onnx.value}")
-            child_cfg = compose_config(
-                [f"model={cfg.model.name}", f"compute={cfg.compute.name}", *overrides]
-            )[0]
-            digest = hashlib.sha256(resolved_config_yaml(child_cfg).encode()).hexdigest()
+            settings = upstream_settings(step, upstream)
+            digest = step_config_sha256(base, settings)
             reused = None if cfg.main.rerun else reusable_run(_entry(step), digest, experiment_id)
             if reused:
                 log.info(
-                    "step %s: reusing run %s (same commit, config and upstream runs)", step, reused
+                    "step %s: reusing run %s (same commit, config, upstream runs)", step, reused
                 )
                 upstream[step] = reused
             else:
                 log.info("step %s: running", step)
+                overrides = forwarded + as_overrides(settings)
                 upstream[step] = run_child(step, cfg, overrides, experiment_id, parent_id)
             mlflow.set_tags(
                 {

@@ -90,8 +90,8 @@ def test_evaluate_run_holds_metrics_tables_chart_and_dataset(pipeline: PipelineR
     assert metrics["transformers.accuracy"] == metrics["onnx-fp32.accuracy"] >= 0.3
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "eval")}
     assert {"eval/items.json", "eval/summary.json", "eval/comparison.png"} <= artifacts
-    items = mlflow.load_table("eval/items.json", run_ids=[run.info.run_id])
-    assert len(items) == 30 and "onnx-fp32 correct" in items.columns
+    items = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/items.json")
+    assert len(items["data"]) == 30 and "onnx-fp32 correct" in items["columns"]
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "chat-basics-v1"
     assert run.data.tags["evaluate.dataset_sha256"]

@@ -247,7 +247,7 @@ class MainConfig:
 @dataclass
 class TrackingConfig:
     uri: str | None = None
-    experiment: str = "llm-to-mlflow"
+    experiment: str | None = None
 
 
 @dataclass

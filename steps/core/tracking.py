@@ -28,6 +28,7 @@ from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state, pack
 log = logging.getLogger(__name__)
 DEFAULT_STORE = PROJECT_ROOT / "mlflow.db"
 DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlruns"
+DEFAULT_EXPERIMENT = "llm-to-mlflow"
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -93,7 +94,7 @@ def step_run(step: str, cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     if os.environ.get("MLFLOW_RUN_ID"):
         run_context = mlflow.start_run()  # created by `mlflow run`
     else:
-        experiment_id = _experiment_id(cfg.tracking.experiment, uri)
+        experiment_id = _experiment_id(experiment_name(cfg), uri)
         run_name = f"{step}-{cfg.model.name}-{cfg.compute.name}"
         run_context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
     with run_context as run:
@@ -102,6 +103,12 @@ def step_run(step: str, cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
         mlflow.log_params(flat_params(cfg))
         mlflow.set_tags(run_tags(step, cfg))
         yield run
+
+
+def experiment_name(cfg: PipelineConfig) -> str:
+    """tracking.experiment, else $MLFLOW_EXPERIMENT_NAME (what `mlflow run` reads), else the
+    project's own experiment."""
+    return cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def _experiment_id(name: str, uri: str) -> str:

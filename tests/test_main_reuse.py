@@ -1,0 +1,39 @@
+"""How main decides reuse without starting a child process: the config hash it predicts for a
+step must be the one the child run will log."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from steps.core.config import compose_config, compose_raw
+from steps.core.tracking import resolved_config_yaml
+from steps.main import as_overrides, step_config_sha256, upstream_settings
+
+UPSTREAM = {
+    "fetch": "83131247e7264ed385b25a05203eb959",
+    "wrap_transformers": "1e5",  # a run id that Hydra would read as a float unless quoted
+    "wrap_onnx": "12345",
+    "evaluate": "8e94b5364576481a9ecb724f77cab00d",
+}
+BASE = ["model=smollm2-135m", "compute=cpu", "fetch.cache_dir=/tmp/cache"]
+
+
+@pytest.mark.parametrize(
+    "step", ["fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register"]
+)
+def test_predicted_config_hash_equals_the_childs(step: str) -> None:
+    settings = upstream_settings(step, UPSTREAM)
+    predicted = step_config_sha256(compose_raw(BASE), settings)
+    child = compose_config(BASE + as_overrides(settings))[0]
+    assert predicted == hashlib.sha256(resolved_config_yaml(child).encode()).hexdigest()
+
+
+def test_upstream_run_ids_reach_each_step_as_strings() -> None:
+    evaluate = compose_config(BASE + as_overrides(upstream_settings("evaluate", UPSTREAM)))[0]
+    assert evaluate.evaluate.wrap_run_ids == ["1e5", "12345"]
+    wrap = compose_config(BASE + as_overrides(upstream_settings("wrap_onnx", UPSTREAM)))[0]
+    assert wrap.wrap.fetch_run_id == UPSTREAM["fetch"]
+    register = compose_config(BASE + as_overrides(upstream_settings("register", UPSTREAM)))[0]
+    assert register.register.evaluate_run_id == UPSTREAM["evaluate"]
