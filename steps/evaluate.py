@@ -25,8 +25,6 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from steps.core.config import PipelineConfig
 from steps.core.errors import PipelineError
@@ -43,6 +41,7 @@ from steps.core.evaluation import (
     summarize,
     summary_markdown,
 )
+from steps.core.lineage import finished_run, latest_finished_run
 from steps.core.provenance import PROJECT_ROOT
 from steps.core.tracking import step_run
 
@@ -66,33 +65,17 @@ def _label(run) -> str:
 
 
 def find_candidates(cfg: PipelineConfig, experiment_id: str) -> list[Candidate]:
-    client = MlflowClient()
     if cfg.evaluate.wrap_run_ids:
-        runs = []
-        for run_id in cfg.evaluate.wrap_run_ids:
-            try:
-                runs.append(client.get_run(run_id))
-            except MlflowException:
-                raise PipelineError(f"evaluate.wrap_run_ids: no run {run_id}") from None
+        runs = [
+            finished_run(run_id, WRAP_STEPS, "evaluate.wrap_run_ids")
+            for run_id in cfg.evaluate.wrap_run_ids
+        ]
     else:
-        runs = []
-        for step in WRAP_STEPS:
-            found = client.search_runs(
-                [experiment_id],
-                filter_string=(
-                    f"tags.`pipeline.step` = '{step}' and attributes.status = 'FINISHED' and "
-                    f"tags.`pipeline.model` = '{cfg.model.name}' and "
-                    f"tags.`pipeline.compute` = '{cfg.compute.name}'"
-                ),
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            runs.extend(found)
+        found = [latest_finished_run(cfg, experiment_id, step) for step in WRAP_STEPS]
+        runs = [run for run in found if run is not None]
     candidates, seen = [], set()
     for run in runs:
         tags = run.data.tags
-        if tags.get("pipeline.step") not in WRAP_STEPS or "model.uri" not in tags:
-            raise PipelineError(f"run {run.info.run_id} is not a finished wrap run with a model")
         label = _label(run)
         if label in seen:
             label = f"{label}-{run.info.run_id[:8]}"

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from steps.core.config import Choice, PipelineConfig, RegisterConfig
 from steps.core.errors import PipelineError
+from steps.core.lineage import finished_run, latest_finished_run
 from steps.core.provenance import git_state
 from steps.core.tracking import resolved_config_yaml, step_run
 
@@ -91,34 +93,16 @@ def registered_name(cfg: PipelineConfig, chosen: Chosen) -> str:
     return f"{cfg.model.name}-{_runtime_kind(chosen.runtime)}-{cfg.compute.name}"
 
 
-def find_evaluate_run(cfg: PipelineConfig, experiment_id: str):
-    client = MlflowClient()
+def find_evaluate_run(cfg: PipelineConfig, experiment_id: str) -> Run:
     if cfg.register.evaluate_run_id:
-        try:
-            run = client.get_run(cfg.register.evaluate_run_id)
-        except MlflowException:
-            raise PipelineError(
-                f"register.evaluate_run_id: no run {cfg.register.evaluate_run_id}"
-            ) from None
-        if run.data.tags.get("pipeline.step") != "evaluate" or run.info.status != "FINISHED":
-            raise PipelineError(f"run {run.info.run_id} is not a finished evaluate run")
-        return run
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=(
-            "tags.`pipeline.step` = 'evaluate' and attributes.status = 'FINISHED' and "
-            f"tags.`pipeline.model` = '{cfg.model.name}' and "
-            f"tags.`pipeline.compute` = '{cfg.compute.name}'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
+        return finished_run(cfg.register.evaluate_run_id, ("evaluate",), "register.evaluate_run_id")
+    run = latest_finished_run(cfg, experiment_id, "evaluate")
+    if run is None:
         raise PipelineError(
             f"no finished evaluate run of model={cfg.model.name} compute={cfg.compute.name}: "
             "run evaluate first, or set register.evaluate_run_id"
         )
-    return runs[0]
+    return run
 
 
 def model_card(cfg: PipelineConfig, chosen: Chosen, evaluate_run, commit: str) -> str:

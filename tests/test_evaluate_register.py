@@ -122,3 +122,16 @@ def test_gate_and_aliases() -> None:
     assert pick_alias(False, champion, "2", worse) == "challenger"
     assert pick_alias(False, champion, "1", worse) == "champion"  # re-registering the champion
     assert pick_alias(True, None, "1", better) == "challenger"
+
+
+def test_evaluate_defaults_to_the_latest_wrap_runs(wrapped, compose) -> None:
+    import mlflow
+
+    from steps import evaluate
+
+    evaluate.main(compose(*wrapped.overrides, "evaluate.max_items=2"))
+    run = mlflow.last_active_run()
+    candidates = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/candidates.json")
+    assert {c["model_uri"] for c in candidates} == {wrapped.transformers_uri, wrapped.onnx_uri}
+    assert run.data.metrics["parity"] == 1.0
+    assert run.data.tags["evaluate.dataset"] == "chat-basics-v1"

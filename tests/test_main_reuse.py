@@ -7,9 +7,9 @@ import hashlib
 
 import pytest
 
-from steps.core.config import compose_config, compose_raw
+from steps.core.config import compose_config
 from steps.core.tracking import resolved_config_yaml
-from steps.main import as_overrides, step_config_sha256, upstream_settings
+from steps.main import as_overrides, child_base_config, step_config_sha256, upstream_settings
 
 UPSTREAM = {
     "fetch": "83131247e7264ed385b25a05203eb959",
@@ -24,8 +24,10 @@ BASE = ["model=smollm2-135m", "compute=cpu", "fetch.cache_dir=/tmp/cache"]
     "step", ["fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register"]
 )
 def test_predicted_config_hash_equals_the_childs(step: str) -> None:
+    # main's own config, with its own options set: the children must not inherit them.
+    parent = compose_config([*BASE, "main.steps=[evaluate,register]", "main.rerun=true"])[0]
     settings = upstream_settings(step, UPSTREAM)
-    predicted = step_config_sha256(compose_raw(BASE), settings)
+    predicted = step_config_sha256(child_base_config(parent), settings)
     child = compose_config(BASE + as_overrides(settings))[0]
     assert predicted == hashlib.sha256(resolved_config_yaml(child).encode()).hexdigest()
 

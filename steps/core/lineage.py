@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from steps.core.config import FetchArtifact, PipelineConfig
@@ -37,33 +38,52 @@ def fetch_run_filter(cfg: PipelineConfig, artifact: FetchArtifact) -> str:
     )
 
 
+def finished_run(run_id: str, steps: tuple[str, ...], setting: str) -> Run:
+    """The run a setting names, checked to be a FINISHED run of one of these steps."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise PipelineError(f"{setting}={run_id} is not a run in this tracking store") from None
+    if run.data.tags.get("pipeline.step") not in steps or run.info.status != "FINISHED":
+        raise PipelineError(
+            f"{setting}={run_id} is not a finished {' or '.join(steps)} run "
+            f"(step {run.data.tags.get('pipeline.step')!r}, status {run.info.status})"
+        )
+    return run
+
+
+def latest_finished_run(
+    cfg: PipelineConfig, experiment_id: str, step: str, filter_string: str | None = None
+) -> Run | None:
+    """The newest FINISHED run of a step for this model variant and compute target (or for a
+    filter of its own)."""
+    default = (
+        f"tags.`pipeline.model` = '{cfg.model.name}' and "
+        f"tags.`pipeline.compute` = '{cfg.compute.name}'"
+    )
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`pipeline.step` = '{step}' and attributes.status = 'FINISHED' and "
+            + (filter_string or default)
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchArtifact) -> str:
-    client = MlflowClient()
     if cfg.wrap.fetch_run_id:
-        try:
-            run = client.get_run(cfg.wrap.fetch_run_id)
-        except MlflowException:
-            raise PipelineError(
-                f"wrap.fetch_run_id={cfg.wrap.fetch_run_id} is not a run in this tracking store"
-            ) from None
-        if run.data.tags.get("pipeline.step") != "fetch" or run.info.status != "FINISHED":
-            raise PipelineError(
-                f"wrap.fetch_run_id={cfg.wrap.fetch_run_id} is not a finished fetch run "
-                f"(step {run.data.tags.get('pipeline.step')!r}, status {run.info.status})"
-            )
+        run = finished_run(cfg.wrap.fetch_run_id, ("fetch",), "wrap.fetch_run_id")
         if run.data.params.get("fetch.artifact") != artifact.value:
             raise PipelineError(
                 f"wrap.fetch_run_id={cfg.wrap.fetch_run_id} fetched "
                 f"{run.data.params.get('fetch.artifact')}, but this step needs {artifact.value}"
             )
         return run.info.run_id
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=fetch_run_filter(cfg, artifact),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
+    run = latest_finished_run(cfg, experiment_id, "fetch", fetch_run_filter(cfg, artifact))
+    if run is None:
         extra = " -P overrides=fetch.artifact=prebuilt_onnx" if artifact.value != "weights" else ""
         raise PipelineError(
             f"no finished fetch run of model={cfg.model.name} ({artifact.value}) with this "
@@ -71,8 +91,8 @@ def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchAr
             f"{cfg.model.name} -P compute={cfg.compute.name}{extra}` first, or set "
             "wrap.fetch_run_id"
         )
-    log.info("using fetch run %s", runs[0].info.run_id)
-    return runs[0].info.run_id
+    log.info("using fetch run %s", run.info.run_id)
+    return run.info.run_id
 
 
 def fetched_snapshot(
