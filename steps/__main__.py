@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"main.steps=[{args.steps}]")
         if args.rerun:
             overrides.append(f"main.rerun={args.rerun}")
-        cfg = compose_config(overrides)[0]
+        cfg = compose_config(overrides)
         step = importlib.import_module(ENTRY_POINTS[args.entry_point])
         if args.entry_point == "main":
             # main hands the user's overrides on to its child runs (model and compute travel

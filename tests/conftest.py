@@ -48,7 +48,7 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bundled_fetch(session_cache: Path) -> FetchOutcome:
     """The bundled default model, fetched once per session (a miss on a fresh cache)."""
-    cfg = compose_config([f"fetch.cache_dir={session_cache}"])[0]
+    cfg = compose_config([f"fetch.cache_dir={session_cache}"])
     return fetch_snapshot(
         cfg.model, cfg.compute.name, cfg.fetch.artifact, SnapshotStore(session_cache)
     )
@@ -57,7 +57,7 @@ def bundled_fetch(session_cache: Path) -> FetchOutcome:
 @pytest.fixture
 def compose() -> Callable[..., PipelineConfig]:
     def _compose(*overrides: str) -> PipelineConfig:
-        return compose_config(list(overrides))[0]
+        return compose_config(list(overrides))
 
     return _compose
 
@@ -93,7 +93,7 @@ def wrapped(
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
     overrides = (f"fetch.cache_dir={session_cache}", f"tracking.uri={uri}")
-    cfg = compose_config(list(overrides))[0]
+    cfg = compose_config(list(overrides))
     mlflow.set_tracking_uri(uri)
     uris = {}
     for step in (fetch, wrap_transformers, wrap_onnx):

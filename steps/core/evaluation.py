@@ -132,6 +132,7 @@ def ask(model, item: EvalItem, max_new_tokens: int, streamable: bool) -> ItemRes
         "max_tokens": max_new_tokens,
     }
     result = ItemResult(item_id=item.id)
+    usage = None
     started = time.perf_counter()
     try:
         if streamable:

@@ -32,10 +32,7 @@ def fetch_run_filter(cfg: PipelineConfig, artifact: FetchArtifact) -> str:
     else:
         keys += [f"model.source.{k}" for k in ("kind", "repo_id", "revision", "path", "sha256")]
     wanted = {key: params[key] for key in keys} | {"fetch.artifact": artifact.value}
-    clauses = [f"params.`{key}` = '{value}'" for key, value in wanted.items()]
-    return " and ".join(
-        ["tags.`pipeline.step` = 'fetch'", "attributes.status = 'FINISHED'", *clauses]
-    )
+    return " and ".join(f"params.`{key}` = '{value}'" for key, value in wanted.items())
 
 
 def finished_run(run_id: str, steps: tuple[str, ...], setting: str) -> Run:
