@@ -2,6 +2,8 @@
 
     python -m steps <entry point> --model M --compute C --overrides "key=value key2=value2"
 
+    python -m steps reproduce RUN_ID     (prints the command that reruns a recorded run)
+
 It turns MLproject parameters into Hydra overrides (`mlflow run` shell-quotes `overrides` into
 one argument, so it is split here with shlex), composes and validates the config once, and calls
 the step's `main(cfg)`. Pipeline errors end as one line on stderr and a non-zero exit code.
@@ -42,6 +44,11 @@ def hydra_overrides(model: str | None, compute: str | None, overrides: str) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["reproduce"]:
+        from steps.core.reproduction import cli
+
+        return cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m steps", description=__doc__.split("\n\n")[0])
     parser.add_argument("entry_point", choices=sorted(ENTRY_POINTS))
     parser.add_argument(

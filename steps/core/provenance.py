@@ -8,6 +8,7 @@ import hashlib
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +41,23 @@ def git_state(root: Path = PROJECT_ROOT) -> tuple[str, bool | None]:
     except (OSError, subprocess.CalledProcessError):
         return "unknown", None
     return commit, dirty
+
+
+def git_repo(root: Path = PROJECT_ROOT) -> str:
+    """Where the commit can be cloned from: the `origin` remote (without any credentials in
+    it), else the checkout itself."""
+    remote = subprocess.run(
+        ["git", "-C", str(root), "config", "--get", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not remote:
+        return root.as_uri()
+    parts = urlsplit(remote)
+    if parts.scheme in ("http", "https") and "@" in parts.netloc:
+        remote = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return remote
 
 
 def git_diff_sha256(root: Path = PROJECT_ROOT) -> str:

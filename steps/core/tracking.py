@@ -23,7 +23,13 @@ from omegaconf import OmegaConf
 
 from steps.core.config import PipelineConfig
 from steps.core.errors import PipelineError
-from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state, package_versions
+from steps.core.provenance import (
+    PROJECT_ROOT,
+    git_diff_sha256,
+    git_repo,
+    git_state,
+    package_versions,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = PROJECT_ROOT / "mlflow.db"
@@ -31,8 +37,12 @@ DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlruns"
 DEFAULT_EXPERIMENT = "llm-to-mlflow"
 
 
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+    return cfg.tracking.uri or default_tracking_uri()
 
 
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
@@ -72,6 +82,7 @@ def flat_params(cfg: PipelineConfig) -> dict[str, str]:
 def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
     commit, dirty = git_state()
     tags = {
+        "git.repo": git_repo(),
         "pipeline.step": step,
         "pipeline.model": cfg.model.name,
         "pipeline.compute": cfg.compute.name,
