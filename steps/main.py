@@ -36,7 +36,7 @@ from steps.core.config import (
 )
 from steps.core.errors import PipelineError
 from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state
-from steps.core.tracking import resolved_config_yaml, step_run
+from steps.core.tracking import check_tracking_server, resolved_config_yaml, step_run
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ def reusable_run(step: str, config_sha256: str, experiment_id: str) -> str | Non
 def run_child(
     step: str, cfg: PipelineConfig, overrides: list[str], experiment_id: str, parent_id: str
 ) -> str:
+    # MLflow's client would retry a vanished server for minutes before the child starts.
+    check_tracking_server(mlflow.get_tracking_uri())
     try:
         submitted = mlflow.projects.run(
             uri=str(PROJECT_ROOT),
@@ -191,9 +193,10 @@ def _summarize(upstream: dict[str, str]) -> None:
         if step in upstream:
             child = client.get_run(upstream[step]).data.tags
             tags[f"main.model_uri.{child['model.runtime']}"] = child["model.uri"]
+    uri = mlflow.get_tracking_uri()
     lines = [
         "pipeline finished. Look at it with:",
-        "  mlflow ui --backend-store-uri " + mlflow.get_tracking_uri(),
+        f"  open {uri}" if uri.startswith("http") else f"  mlflow ui --backend-store-uri {uri}",
     ]
     if "evaluate" in upstream:
         metrics = client.get_run(upstream["evaluate"]).data.metrics

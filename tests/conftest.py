@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
+from servers import TrackingServer, clean_env, tracking_server
 
 from steps.core.config import PipelineConfig, compose_config
 from steps.core.snapshot_store import SnapshotStore
@@ -20,21 +23,19 @@ from steps.core.snapshots import FetchOutcome, fetch_snapshot
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def mlflow_run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local"]
+def mlflow_run(
+    *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local"
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", env_manager]
     return subprocess.run(
         [*command, *args], env=env, capture_output=True, text=True, timeout=900, check=False
     )
 
 
 def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "HF_"))
-    }
-    # `mlflow run` resolves `python` from PATH: make it this interpreter's environment.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME="e2e", **extra)
-    return env
+    """The caller's environment without MLflow or Hub settings, with this interpreter's
+    environment first on PATH (`mlflow run` resolves `python` from there)."""
+    return clean_env(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME="e2e", **extra)
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +107,40 @@ def wrapped(
         onnx_uri=uris["steps.wrap_onnx"].data.tags["model.uri"],
         overrides=overrides,
     )
+
+
+@pytest.fixture(scope="session")
+def remote_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """One real `mlflow server` for the session's end-to-end tests."""
+    with tracking_server(tmp_path_factory.mktemp("tracking-server")) as server:
+        yield server
+
+
+@dataclass(frozen=True)
+class PipelineRuns:
+    server: TrackingServer
+    cold: object  # the parent runs
+    warm: object
+    cold_seconds: float
+    warm_seconds: float
+    cache_override: str
+
+
+@pytest.fixture(scope="session")
+def remote_pipeline(bundled_fetch, session_cache: Path, remote_tracking) -> PipelineRuns:
+    """`mlflow run .` twice against the tracking server: cold, then reusing every step."""
+    override = f"fetch.cache_dir={session_cache}"
+    seconds = []
+    for _ in range(2):
+        started = time.monotonic()
+        result = mlflow_run("-P", f"overrides={override}", env=project_env(remote_tracking.uri))
+        seconds.append(time.monotonic() - started)
+        assert result.returncode == 0, result.stderr[-4000:]
+    cold, warm = MlflowClient(remote_tracking.uri).search_runs(
+        [MlflowClient(remote_tracking.uri).get_experiment_by_name("e2e").experiment_id],
+        filter_string="tags.`pipeline.step` = 'main'",
+        order_by=["attributes.start_time ASC"],
+    )
+    print(f"\nmlflow run . cold {seconds[0]:.1f} s, warm {seconds[1]:.1f} s "
+          f"({seconds[1] / seconds[0]:.1%})")  # fmt: skip
+    return PipelineRuns(remote_tracking, cold, warm, seconds[0], seconds[1], override)

@@ -1,15 +1,12 @@
-"""`mlflow run .` end to end on the bundled model, twice: the second run reuses every step.
-Then the registry, the evaluation artifacts and the gate's failure path are checked."""
+"""`mlflow run .` end to end on the bundled model against a real `mlflow server`, twice: the
+second run reuses every step. Then the registry, the evaluation artifacts, where they live and
+the gate's failure path are checked."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import mlflow
 import pytest
-from conftest import mlflow_run, project_env
+from conftest import PipelineRuns
 from mlflow import MlflowClient
 
 from steps import register
@@ -20,47 +17,11 @@ STEPS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register")
 REGISTERED = "smollm2-135m-onnx-cpu"
 
 
-@dataclass(frozen=True)
-class PipelineRuns:
-    tracking_uri: str
-    cold: object  # the parent runs
-    warm: object
-    cold_seconds: float
-    warm_seconds: float
-    cache_override: str
-
-
-def _main_runs() -> list:
-    return mlflow.search_runs(
-        experiment_names=["e2e"],
-        filter_string="tags.`pipeline.step` = 'main'",
-        order_by=["attributes.start_time ASC"],
-        output_format="list",
-    )
-
-
-@pytest.fixture(scope="module")
-def pipeline(bundled_fetch, session_cache: Path, tmp_path_factory) -> PipelineRuns:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('pipeline') / 'mlflow.db'}"
-    override = f"fetch.cache_dir={session_cache}"
-    seconds = []
-    for _ in range(2):
-        started = time.monotonic()
-        result = mlflow_run("-P", f"overrides={override}", env=project_env(uri))
-        seconds.append(time.monotonic() - started)
-        assert result.returncode == 0, result.stderr[-4000:]
-    mlflow.set_tracking_uri(uri)
-    cold, warm = _main_runs()
-    print(f"\nmlflow run . cold {seconds[0]:.1f} s, warm {seconds[1]:.1f} s "
-          f"({seconds[1] / seconds[0]:.1%})")  # fmt: skip
-    return PipelineRuns(uri, cold, warm, seconds[0], seconds[1], override)
-
-
-def test_champion_is_registered_and_answers_by_alias(pipeline: PipelineRuns) -> None:
-    mlflow.set_tracking_uri(pipeline.tracking_uri)
+def test_champion_is_registered_and_answers_by_alias(remote_pipeline: PipelineRuns) -> None:
+    mlflow.set_tracking_uri(remote_pipeline.server.uri)
     version = MlflowClient().get_model_version_by_alias(REGISTERED, "champion")
-    assert version.tags["evaluate.run_id"] == pipeline.cold.data.tags["main.evaluate.run_id"]
-    assert version.tags["git.commit"] == pipeline.cold.data.tags["git.commit"]
+    assert version.tags["evaluate.run_id"] == remote_pipeline.cold.data.tags["main.evaluate.run_id"]
+    assert version.tags["git.commit"] == remote_pipeline.cold.data.tags["git.commit"]
     assert {"config.sha256", "fetch.manifest_sha256", "metrics.accuracy"} <= set(version.tags)
     assert "Accuracy" in version.description and "Git commit" in version.description
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion")
@@ -70,9 +31,9 @@ def test_champion_is_registered_and_answers_by_alias(pipeline: PipelineRuns) -> 
     assert "Paris" in answer[0]["choices"][0]["message"]["content"]
 
 
-def test_evaluate_run_holds_metrics_tables_chart_and_dataset(pipeline: PipelineRuns) -> None:
-    mlflow.set_tracking_uri(pipeline.tracking_uri)
-    run = mlflow.get_run(pipeline.cold.data.tags["main.evaluate.run_id"])
+def test_evaluate_run_holds_metrics_tables_chart_and_dataset(remote_pipeline: PipelineRuns) -> None:
+    mlflow.set_tracking_uri(remote_pipeline.server.uri)
+    run = mlflow.get_run(remote_pipeline.cold.data.tags["main.evaluate.run_id"])
     metrics = run.data.metrics
     for label in ("transformers", "onnx-fp32"):
         for key in (
@@ -97,37 +58,54 @@ def test_evaluate_run_holds_metrics_tables_chart_and_dataset(pipeline: PipelineR
     assert run.data.tags["evaluate.dataset_sha256"]
 
 
-def test_parent_run_records_the_lineage(pipeline: PipelineRuns) -> None:
-    mlflow.set_tracking_uri(pipeline.tracking_uri)
-    tags = pipeline.cold.data.tags
+def test_parent_run_records_the_lineage(remote_pipeline: PipelineRuns) -> None:
+    mlflow.set_tracking_uri(remote_pipeline.server.uri)
+    tags = remote_pipeline.cold.data.tags
     for step in STEPS:
         child = mlflow.get_run(tags[f"main.{step}.run_id"])
-        assert child.data.tags["mlflow.parentRunId"] == pipeline.cold.info.run_id
+        assert child.data.tags["mlflow.parentRunId"] == remote_pipeline.cold.info.run_id
         assert child.data.tags["pipeline.step"] == step
     assert tags["main.registered"].startswith(f"{REGISTERED} v1 @champion")
     assert tags["main.model_uri.onnxruntime-genai"].startswith("models:/m-")
 
 
-def test_second_run_reuses_every_step(pipeline: PipelineRuns) -> None:
-    tags = pipeline.warm.data.tags
+def test_second_run_reuses_every_step(remote_pipeline: PipelineRuns) -> None:
+    tags = remote_pipeline.warm.data.tags
     assert all(tags[f"main.{step}.reused"] == "true" for step in STEPS)
     assert all(
-        tags[f"main.{s}.run_id"] == pipeline.cold.data.tags[f"main.{s}.run_id"] for s in STEPS
+        tags[f"main.{s}.run_id"] == remote_pipeline.cold.data.tags[f"main.{s}.run_id"]
+        for s in STEPS
     )
     assert (
-        len(MlflowClient(pipeline.tracking_uri).search_model_versions(f"name='{REGISTERED}'")) == 1
+        len(MlflowClient(remote_pipeline.server.uri).search_model_versions(f"name='{REGISTERED}'"))
+        == 1
     )
 
 
 def test_failing_the_gate_leaves_the_champion_untouched(
-    pipeline: PipelineRuns, compose, monkeypatch
+    remote_pipeline: PipelineRuns, compose, monkeypatch
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", remote_pipeline.server.uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    client = MlflowClient(pipeline.tracking_uri)
+    client = MlflowClient(remote_pipeline.server.uri)
     before = client.get_model_version_by_alias(REGISTERED, "champion").version
-    cfg = compose(pipeline.cache_override, "register.min_accuracy=1.0", "tracking.experiment=e2e")
+    cfg = compose(
+        remote_pipeline.cache_override, "register.min_accuracy=1.0", "tracking.experiment=e2e"
+    )
     with pytest.raises(PipelineError, match=r"failed the quality gate .* nothing was registered"):
         register.main(cfg)
     assert client.get_model_version_by_alias(REGISTERED, "champion").version == before
     assert len(client.search_model_versions(f"name='{REGISTERED}'")) == 1
+
+
+def test_runs_artifacts_and_registry_live_on_the_server(remote_pipeline: PipelineRuns) -> None:
+    server = remote_pipeline.server
+    client = MlflowClient(server.uri)
+    wrap_run = client.get_run(remote_pipeline.cold.data.tags["main.wrap_onnx.run_id"])
+    assert wrap_run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    model_id = wrap_run.data.tags["model.uri"].removeprefix("models:/")
+    stored = {p.name for p in server.artifacts.rglob("*") if model_id in p.parts}
+    assert {"MLmodel", "model.onnx", "model.onnx.data"} <= stored
+    assert (server.artifacts / wrap_run.info.experiment_id).is_dir()
+    version = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert version.source == wrap_run.data.tags["model.uri"]

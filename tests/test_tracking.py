@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import socket
+import subprocess
+import sys
 import time
 
 import mlflow
 import pytest
 import yaml
+from conftest import PROJECT_ROOT
+from servers import clean_env, free_port
 
 from steps.core.errors import PipelineError
 from steps.core.tracking import DEFAULT_STORE, flat_params, step_run, tracking_uri
@@ -45,11 +48,26 @@ def test_a_step_outside_mlflow_run_opens_its_own_run(compose, tracking_uri) -> N
 
 
 def test_unreachable_tracking_server_fails_in_seconds(compose) -> None:
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listens on it
     started = time.monotonic()
     run = step_run("fetch", compose(f"tracking.uri=http://127.0.0.1:{port}"))
     with pytest.raises(PipelineError, match=f"tracking server at http://127.0.0.1:{port} is not"):
         run.__enter__()
     assert time.monotonic() - started < 15
+
+
+def test_a_step_against_a_down_server_stops_with_one_line_before_any_work() -> None:
+    port = free_port()
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "steps", "fetch"],
+        env=clean_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: fetch: the MLflow tracking server at http://127.0.0.1:{port} is not reachable "
+        "(ConnectionError); start it or point MLFLOW_TRACKING_URI at a running one"
+    )
+    assert "Traceback" not in result.stderr
