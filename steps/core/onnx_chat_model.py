@@ -8,8 +8,13 @@ Requests follow MLflow's `llm/v1/chat` schema, the one the transformers flavor s
 `top_p`, `stop` and `n`. Each answer has `id`, `object`, `created`, `model`, `choices` (with
 `message` and `finish_reason` "stop" or "length") and `usage`. The legacy form
 `{"prompt": "<already templated text>"}` returns the generated string. Every row of a batch is
-answered; `predict_stream` yields OpenAI `chat.completion.chunk` dicts. Concurrent calls are safe:
-they share the loaded model and each gets its own generator.
+answered; `predict_stream` yields OpenAI `chat.completion.chunk` dicts.
+
+Generation goes through one `og.Engine`, which batches the requests that are in flight at the
+same time: concurrent calls (a threaded model server), the rows of a batch and the `n` choices
+of a request decode together. On this model and CPU that answers 8 concurrent clients about
+2x faster than one request at a time, with the same greedy tokens
+(bench/concurrent_generation.py).
 
 `model_config` (set by the wrap_onnx step): `model_name` (the `model` field of answers),
 `provider` (cpu, cuda or dml), `generation` (defaults: max_new_tokens, do_sample, temperature,
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -89,17 +96,24 @@ class OnnxChatModel(PythonModel):
         self._tokenizer = og.Tokenizer(self._model)
         genai_config = json.loads((folder / "genai_config.json").read_text())["model"]
         self._context_length = int(genai_config["context_length"])
-        eos = genai_config.get("eos_token_id", [])
-        self._eos = set(eos if isinstance(eos, list) else [eos])
+        self._engine = _EngineLoop(self._model)
 
     # -- pyfunc API ---------------------------------------------------------------------------
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         requests = _requests(model_input, params)
+        # Every request is checked before any is started, so a bad row wastes no generation.
         if all("prompt" in request for request in requests):
-            texts = [self._complete_prompt(request) for request in requests]
+            prepared = [self._prepare_prompt(request) for request in requests]
+            started = [self._start(*turn) for turn in prepared]
+            texts = [_collect(tokens).text for tokens in started]
             return texts[0] if len(texts) == 1 else texts
-        return [self._chat(request) for request in requests]
+        prepared = [self._prepare_chat(request) for request in requests]
+        started = [[self._start(*turn) for _ in range(turn[1].n)] for turn in prepared]
+        return [
+            self._chat_answer(len(turn[0]), [_collect(tokens) for tokens in choices])
+            for turn, choices in zip(prepared, started, strict=True)
+        ]
 
     def predict_stream(
         self, context, model_input: dict, params: dict | None = None
@@ -107,14 +121,12 @@ class OnnxChatModel(PythonModel):
         requests = _requests(model_input, params)
         if len(requests) != 1 or "messages" not in requests[0]:
             raise _bad_request("streaming takes exactly one chat request (with `messages`)")
-        options = self._options(requests[0])
+        ids, options, max_new = self._prepare_chat(requests[0])
         if options.n != 1:
             raise _bad_request("streaming supports n=1 only")
-        ids = self._chat_prompt_ids(requests[0]["messages"])
-        max_new = self._fit_to_context(ids, options)
         header = self._header("chat.completion.chunk")
         first = True
-        for piece, finish, count in self._generate(ids, options, max_new):
+        for piece, finish, count in self._start(ids, options, max_new):
             delta = {"role": "assistant", "content": piece} if first else {"content": piece}
             first = False
             if piece:
@@ -185,11 +197,20 @@ class OnnxChatModel(PythonModel):
             )
         return min(options.max_new_tokens, room)
 
-    def _chat(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _prepare_chat(self, request: dict[str, Any]) -> tuple[np.ndarray, Options, int]:
         options = self._options(request)
         ids = self._chat_prompt_ids(request.get("messages"))
-        max_new = self._fit_to_context(ids, options)
-        completions = [self._complete(ids, options, max_new) for _ in range(options.n)]
+        return ids, options, self._fit_to_context(ids, options)
+
+    def _prepare_prompt(self, request: dict[str, Any]) -> tuple[np.ndarray, Options, int]:
+        prompt = request["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise _bad_request("`prompt` must be a non-empty string")
+        options = self._options(request)
+        ids = self._tokenizer.encode(prompt)
+        return ids, options, self._fit_to_context(ids, options)
+
+    def _chat_answer(self, prompt_tokens: int, completions: list[Completion]) -> dict[str, Any]:
         return self._header("chat.completion") | {
             "choices": [
                 {
@@ -199,16 +220,8 @@ class OnnxChatModel(PythonModel):
                 }
                 for index, completion in enumerate(completions)
             ],
-            "usage": _usage(len(ids), sum(c.completion_tokens for c in completions)),
+            "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in completions)),
         }
-
-    def _complete_prompt(self, request: dict[str, Any]) -> str:
-        prompt = request["prompt"]
-        if not isinstance(prompt, str) or not prompt:
-            raise _bad_request("`prompt` must be a non-empty string")
-        options = self._options(request)
-        ids = self._tokenizer.encode(prompt)
-        return self._complete(ids, options, self._fit_to_context(ids, options)).text
 
     def _header(self, kind: str) -> dict[str, Any]:
         return {
@@ -220,39 +233,32 @@ class OnnxChatModel(PythonModel):
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _complete(self, ids: np.ndarray, options: Options, max_new: int) -> Completion:
-        text, finish, generated = [], "length", 0
-        for piece, reason, so_far in self._generate(ids, options, max_new):
-            text.append(piece)
-            finish, generated = reason or finish, so_far
-        return Completion("".join(text), finish, generated)
-
-    def _generate(
+    def _start(
         self, ids: np.ndarray, options: Options, max_new: int
     ) -> Iterator[tuple[str, str | None, int]]:
+        """Hand the prompt to the engine now; the returned iterator yields its text."""
+        return self._read(self._engine.submit(ids, options, max_new), options)
+
+    def _read(self, turn: _Turn, options: Options) -> Iterator[tuple[str, str | None, int]]:
         """Yield (text piece, finish reason or None, tokens generated so far). Text that might
         be the start of a stop string is held back until it is known not to be one."""
-        import onnxruntime_genai as og
-
-        params = og.GeneratorParams(self._model)
-        search: dict[str, Any] = {"max_length": len(ids) + max_new, "do_sample": options.do_sample}
-        if options.do_sample:
-            search |= {"temperature": options.temperature, "top_p": options.top_p}
-        params.set_search_options(**search)
-        generator = og.Generator(self._model, params)
         stream = self._tokenizer.create_stream()
         hold = max((len(s) for s in options.stop), default=1) - 1
         text, emitted, count = "", 0, 0
+        finished = False
         try:
-            generator.append_tokens(np.asarray(ids, dtype=np.int32))
-            while not generator.is_done():
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                count += 1
-                if token in self._eos:
-                    yield text[emitted:], "stop", count
+            while True:
+                item = turn.events.get()
+                if isinstance(item, _Finished):
+                    finished = True
+                    if item.error:
+                        raise MlflowException(f"generation failed: {item.error}")
+                    # Counted like the transformers flavor counts: the end-of-sequence token too.
+                    count += item.eos
+                    yield text[emitted:], "stop" if item.eos else "length", count
                     return
-                text += stream.decode(token)
+                count += 1
+                text += stream.decode(item)
                 cut = _first_stop(text, options.stop)
                 if cut is not None:
                     yield text[emitted:cut], "stop", count
@@ -260,9 +266,137 @@ class OnnxChatModel(PythonModel):
                 if len(text) - hold > emitted:
                     yield text[emitted : len(text) - hold], None, count
                     emitted = len(text) - hold
-            yield text[emitted:], "length", count
         finally:
-            del generator
+            if not finished:  # a stop string, or a caller that stopped reading
+                turn.cancel()
+
+
+@dataclass(frozen=True)
+class _Finished:
+    eos: bool
+    error: str | None = None
+
+
+class _Turn:
+    """One request's place in the engine: its prompt and options, and the queue its tokens
+    (ints), then one _Finished, arrive on."""
+
+    def __init__(self, loop: _EngineLoop, ids: np.ndarray, options: Options, max_new: int):
+        self.ids, self.options, self.max_new = ids, options, max_new
+        self.events: queue.SimpleQueue[int | _Finished] = queue.SimpleQueue()
+        self._loop = loop
+
+    def cancel(self) -> None:
+        self._loop.inbox.put(("cancel", self))
+
+
+class _EngineLoop:
+    """An og.Engine driven by its own thread, since Engine calls must come from the thread that
+    owns it. Callers on any thread submit turns; the loop starts them between engine steps, so
+    requests that arrive while others decode join the next batch."""
+
+    def __init__(self, model):
+        self._model = model
+        self.inbox: queue.SimpleQueue[tuple[str, _Turn]] = queue.SimpleQueue()
+        self._broken: str | None = None
+        threading.Thread(target=self._serve, name="og-engine", daemon=True).start()
+
+    def submit(self, ids: np.ndarray, options: Options, max_new: int) -> _Turn:
+        if self._broken:
+            raise MlflowException(f"the generation engine stopped: {self._broken}")
+        turn = _Turn(self, ids, options, max_new)
+        self.inbox.put(("begin", turn))
+        return turn
+
+    def _serve(self) -> None:
+        active: dict[Any, _Turn] = {}  # og.Request -> turn
+        try:
+            self._loop(active)
+        except BaseException as error:  # no caller may wait forever on a dead loop
+            self._broken = f"{type(error).__name__}: {error}"
+            waiting = [turn for kind, turn in self._arrivals(block=False) if kind == "begin"]
+            for turn in [*active.values(), *waiting]:
+                turn.events.put(_Finished(eos=False, error=self._broken))
+            raise
+
+    def _loop(self, active: dict[Any, _Turn]) -> None:
+        import onnxruntime_genai as og
+
+        engine = og.Engine(self._model)
+        buffer = engine.create_event_buffer(256)
+        started: dict[_Turn, tuple[Any, int]] = {}  # turn -> (og.Request, turn id)
+        done = og.EngineEventFlags.TURN_FINISHED | og.EngineEventFlags.FAILED
+        while True:
+            for kind, turn in self._arrivals(block=not active):
+                if kind == "begin":
+                    try:
+                        request, turn_id = self._begin(engine, turn)
+                    except RuntimeError as error:
+                        turn.events.put(_Finished(eos=False, error=str(error)))
+                        continue
+                    active[request] = turn
+                    started[turn] = request, turn_id
+                elif turn in started:
+                    request, turn_id = started[turn]
+                    request.cancel_turn(turn_id)
+            if not active:
+                continue
+            try:
+                events = engine.run(buffer)
+            except RuntimeError as error:
+                for turn in active.values():
+                    turn.events.put(_Finished(eos=False, error=str(error)))
+                active.clear()
+                started.clear()
+                continue
+            for event in events:
+                turn = active[event.request]
+                if event.flags & og.EngineEventFlags.TOKEN:
+                    turn.events.put(int(event.token))
+                if event.flags & done:
+                    failed = event.flags & og.EngineEventFlags.FAILED
+                    turn.events.put(
+                        _Finished(
+                            eos=event.finish_reason == og.FinishReason.EOS,
+                            error=f"engine error {event.error_code.name}" if failed else None,
+                        )
+                    )
+                    del active[event.request], started[turn]
+                    event.request.close()
+
+    def _arrivals(self, block: bool) -> list[tuple[str, _Turn]]:
+        """Everything queued so far; when `block`, wait for at least one item first."""
+        arrived = []
+        try:
+            arrived.append(self.inbox.get(block=block))
+            while True:
+                arrived.append(self.inbox.get_nowait())
+        except queue.Empty:
+            return arrived
+
+    @staticmethod
+    def _begin(engine, turn: _Turn) -> tuple[Any, int]:
+        import onnxruntime_genai as og
+
+        # Size the request's cache for this prompt and answer, not the model's whole window.
+        request_options = og.RequestOptions()
+        request_options.set_max_session_tokens(len(turn.ids) + turn.max_new)
+        request = engine.create_request(options=request_options)
+        turn_options = og.TurnOptions(request)
+        turn_options.set_max_generated_tokens(turn.max_new)
+        turn_options.set_do_sample(turn.options.do_sample)
+        if turn.options.do_sample:
+            turn_options.set_temperature(turn.options.temperature)
+            turn_options.set_top_p(turn.options.top_p)
+        return request, request.begin_turn(np.asarray(turn.ids, dtype=np.int32), turn_options)
+
+
+def _collect(tokens: Iterator[tuple[str, str | None, int]]) -> Completion:
+    text, finish, generated = [], "length", 0
+    for piece, reason, so_far in tokens:
+        text.append(piece)
+        finish, generated = reason or finish, so_far
+    return Completion("".join(text), finish, generated)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -108,6 +108,11 @@ def reproduce_command(
             f"(git.diff_sha256 {tags.get('git.diff_sha256', 'unknown')[:12]}): commit "
             f"{commit[:12]} alone does not hold the code that ran"
         )
+    if tags["pipeline.step"] == "main" and not recorded_config["main"]["rerun"]:
+        warnings.append(
+            "main reuses the finished steps of the same commit and config in this tracking "
+            "store: add main.rerun=true to the overrides to compute them again"
+        )
     mlflow_run = [
         "mlflow", "run", "$project", "--version", commit,
         "-e", tags["pipeline.step"],
