@@ -22,6 +22,6 @@ run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local
 
 test: install
-	$(BIN)/ruff check steps tests
-	$(BIN)/ruff format --check steps tests
+	$(BIN)/ruff check steps tests bench
+	$(BIN)/ruff format --check steps tests bench
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest

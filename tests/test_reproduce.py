@@ -129,7 +129,7 @@ def test_reproduced_fetch_and_wrap_rebuild_the_same_bytes_and_answers(
             env=fresh_env, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert printed.returncode == 0, printed.stderr
-        assert printed.stderr == "", printed.stderr  # a clean commit: no warning
+        assert printed.stderr == "", printed.stderr  # a clean commit: no warning, no noise
         result = subprocess.run(
             ["bash", "-c", printed.stdout], env=fresh_env, capture_output=True, text=True
         )

@@ -96,7 +96,7 @@ class OnnxChatModel(PythonModel):
         self._tokenizer = og.Tokenizer(self._model)
         genai_config = json.loads((folder / "genai_config.json").read_text())["model"]
         self._context_length = int(genai_config["context_length"])
-        self._engine = _EngineLoop(self._model)
+        self._engine = EngineLoop(self._model)
 
     # -- pyfunc API ---------------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ class OnnxChatModel(PythonModel):
         """Hand the prompt to the engine now; the returned iterator yields its text."""
         return self._read(self._engine.submit(ids, options, max_new), options)
 
-    def _read(self, turn: _Turn, options: Options) -> Iterator[tuple[str, str | None, int]]:
+    def _read(self, turn: Turn, options: Options) -> Iterator[tuple[str, str | None, int]]:
         """Yield (text piece, finish reason or None, tokens generated so far). Text that might
         be the start of a stop string is held back until it is known not to be one."""
         stream = self._tokenizer.create_stream()
@@ -249,7 +249,7 @@ class OnnxChatModel(PythonModel):
         try:
             while True:
                 item = turn.events.get()
-                if isinstance(item, _Finished):
+                if isinstance(item, Finished):
                     finished = True
                     if item.error:
                         raise MlflowException(f"generation failed: {item.error}")
@@ -272,59 +272,59 @@ class OnnxChatModel(PythonModel):
 
 
 @dataclass(frozen=True)
-class _Finished:
+class Finished:
     eos: bool
     error: str | None = None
 
 
-class _Turn:
+class Turn:
     """One request's place in the engine: its prompt and options, and the queue its tokens
-    (ints), then one _Finished, arrive on."""
+    (ints), then one Finished, arrive on."""
 
-    def __init__(self, loop: _EngineLoop, ids: np.ndarray, options: Options, max_new: int):
+    def __init__(self, loop: EngineLoop, ids: np.ndarray, options: Options, max_new: int):
         self.ids, self.options, self.max_new = ids, options, max_new
-        self.events: queue.SimpleQueue[int | _Finished] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[int | Finished] = queue.SimpleQueue()
         self._loop = loop
 
     def cancel(self) -> None:
         self._loop.inbox.put(("cancel", self))
 
 
-class _EngineLoop:
+class EngineLoop:
     """An og.Engine driven by its own thread, since Engine calls must come from the thread that
     owns it. Callers on any thread submit turns; the loop starts them between engine steps, so
     requests that arrive while others decode join the next batch."""
 
     def __init__(self, model):
         self._model = model
-        self.inbox: queue.SimpleQueue[tuple[str, _Turn]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[str, Turn]] = queue.SimpleQueue()
         self._broken: str | None = None
         threading.Thread(target=self._serve, name="og-engine", daemon=True).start()
 
-    def submit(self, ids: np.ndarray, options: Options, max_new: int) -> _Turn:
+    def submit(self, ids: np.ndarray, options: Options, max_new: int) -> Turn:
         if self._broken:
             raise MlflowException(f"the generation engine stopped: {self._broken}")
-        turn = _Turn(self, ids, options, max_new)
+        turn = Turn(self, ids, options, max_new)
         self.inbox.put(("begin", turn))
         return turn
 
     def _serve(self) -> None:
-        active: dict[Any, _Turn] = {}  # og.Request -> turn
+        active: dict[Any, Turn] = {}  # og.Request -> turn
         try:
             self._loop(active)
         except BaseException as error:  # no caller may wait forever on a dead loop
             self._broken = f"{type(error).__name__}: {error}"
             waiting = [turn for kind, turn in self._arrivals(block=False) if kind == "begin"]
             for turn in [*active.values(), *waiting]:
-                turn.events.put(_Finished(eos=False, error=self._broken))
+                turn.events.put(Finished(eos=False, error=self._broken))
             raise
 
-    def _loop(self, active: dict[Any, _Turn]) -> None:
+    def _loop(self, active: dict[Any, Turn]) -> None:
         import onnxruntime_genai as og
 
         engine = og.Engine(self._model)
         buffer = engine.create_event_buffer(256)
-        started: dict[_Turn, tuple[Any, int]] = {}  # turn -> (og.Request, turn id)
+        started: dict[Turn, tuple[Any, int]] = {}  # turn -> (og.Request, turn id)
         done = og.EngineEventFlags.TURN_FINISHED | og.EngineEventFlags.FAILED
         while True:
             for kind, turn in self._arrivals(block=not active):
@@ -332,7 +332,7 @@ class _EngineLoop:
                     try:
                         request, turn_id = self._begin(engine, turn)
                     except RuntimeError as error:
-                        turn.events.put(_Finished(eos=False, error=str(error)))
+                        turn.events.put(Finished(eos=False, error=str(error)))
                         continue
                     active[request] = turn
                     started[turn] = request, turn_id
@@ -345,7 +345,7 @@ class _EngineLoop:
                 events = engine.run(buffer)
             except RuntimeError as error:
                 for turn in active.values():
-                    turn.events.put(_Finished(eos=False, error=str(error)))
+                    turn.events.put(Finished(eos=False, error=str(error)))
                 active.clear()
                 started.clear()
                 continue
@@ -356,7 +356,7 @@ class _EngineLoop:
                 if event.flags & done:
                     failed = event.flags & og.EngineEventFlags.FAILED
                     turn.events.put(
-                        _Finished(
+                        Finished(
                             eos=event.finish_reason == og.FinishReason.EOS,
                             error=f"engine error {event.error_code.name}" if failed else None,
                         )
@@ -364,7 +364,7 @@ class _EngineLoop:
                     del active[event.request], started[turn]
                     event.request.close()
 
-    def _arrivals(self, block: bool) -> list[tuple[str, _Turn]]:
+    def _arrivals(self, block: bool) -> list[tuple[str, Turn]]:
         """Everything queued so far; when `block`, wait for at least one item first."""
         arrived = []
         try:
@@ -375,7 +375,7 @@ class _EngineLoop:
             return arrived
 
     @staticmethod
-    def _begin(engine, turn: _Turn) -> tuple[Any, int]:
+    def _begin(engine, turn: Turn) -> tuple[Any, int]:
         import onnxruntime_genai as og
 
         # Size the request's cache for this prompt and answer, not the model's whole window.

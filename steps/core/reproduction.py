@@ -14,6 +14,7 @@ command names the one the run was read from) and the snapshot cache (XDG_CACHE_H
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -161,6 +162,7 @@ def cli(argv: list[str]) -> int:
         "--env-manager", choices=("local", "uv", "virtualenv", "conda"), help="for mlflow run"
     )
     args = parser.parse_args(argv)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # stdout and stderr stay terse
     try:
         reproduction = reproduce_run(args.run_id, args.repo, args.env_manager)
     except PipelineError as error:
