@@ -27,8 +27,12 @@ def mlflow_run(
     *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local"
 ) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", env_manager]
+    # `mlflow run` creates the experiment itself, and for a SQLite store MLflow puts its
+    # artifacts under ./mlruns: run it beside the database, not in the checkout.
+    uri = env["MLFLOW_TRACKING_URI"]
+    cwd = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
     return subprocess.run(
-        [*command, *args], env=env, capture_output=True, text=True, timeout=900, check=False
+        [*command, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
     )
 
 

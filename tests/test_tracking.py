@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -39,7 +40,11 @@ def test_a_step_outside_mlflow_run_opens_its_own_run(compose, tracking_uri) -> N
         run_id = run.info.run_id
     finished = mlflow.get_run(run_id)
     assert finished.info.status == "FINISHED"
-    assert mlflow.get_experiment(finished.info.experiment_id).name == "own-run"
+    experiment = mlflow.get_experiment(finished.info.experiment_id)
+    assert experiment.name == "own-run"
+    # Artifacts beside the database, not in whatever directory the test runs from.
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    assert experiment.artifact_location == (database.parent / "mlruns").as_uri()
     assert finished.info.run_name == "fetch-smollm2-135m-cpu"
     assert finished.data.tags["pipeline.step"] == "fetch"
     assert finished.data.tags["versions.hydra-core"] == "1.3.8"

@@ -3,10 +3,12 @@ same schema, the same greedy tokens at fp32, and bad requests with clear errors.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,6 +151,34 @@ def test_concurrent_predicts_give_independent_correct_answers(onnx_model) -> Non
     with ThreadPoolExecutor(max_workers=6) as pool:
         answers = list(pool.map(lambda r: onnx_model.predict(r)[0], requests * 2))
     assert [a["choices"][0]["message"] for a in answers] == sequential * 2
+
+
+def test_a_stop_string_or_a_closed_stream_frees_the_engine(onnx_model) -> None:
+    """Cancelled turns leave the engine: later requests are answered as if alone."""
+    alone = onnx_model.predict({"messages": QUESTION, "max_tokens": 24})[0]
+    stream = onnx_model.predict_stream({"messages": QUESTION, "max_tokens": 24})
+    next(stream)
+    stream.close()
+    stopped = onnx_model.predict({"messages": QUESTION, "max_tokens": 24, "stop": ["France"]})
+    assert stopped[0]["choices"][0]["message"]["content"] == "The capital of "
+    again = onnx_model.predict({"messages": QUESTION, "max_tokens": 24})[0]
+    assert again["choices"] == alone["choices"] and again["usage"] == alone["usage"]
+
+
+def test_the_engine_thread_ends_with_its_model(wrapped: WrappedModels) -> None:
+    def engine_threads() -> set[threading.Thread]:
+        return {thread for thread in threading.enumerate() if thread.name == "og-engine"}
+
+    before = engine_threads()
+    first = mlflow.pyfunc.load_model(wrapped.onnx_uri)
+    (thread,) = engine_threads() - before
+    del first
+    # MLflow keeps the model object a models-from-code file made until the next one is loaded.
+    second = mlflow.pyfunc.load_model(wrapped.onnx_uri)
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert "Paris" in second.predict({"messages": QUESTION})[0]["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ class OnnxChatModel(PythonModel):
         genai_config = json.loads((folder / "genai_config.json").read_text())["model"]
         self._context_length = int(genai_config["context_length"])
         self._engine = EngineLoop(self._model)
+        # The loop's thread holds the og.Model; end it when this model object goes away.
+        weakref.finalize(self, self._engine.close)
 
     # -- pyfunc API ---------------------------------------------------------------------------
 
@@ -297,7 +300,7 @@ class EngineLoop:
 
     def __init__(self, model):
         self._model = model
-        self.inbox: queue.SimpleQueue[tuple[str, Turn]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[str, Turn | None]] = queue.SimpleQueue()
         self._broken: str | None = None
         threading.Thread(target=self._serve, name="og-engine", daemon=True).start()
 
@@ -307,6 +310,9 @@ class EngineLoop:
         turn = Turn(self, ids, options, max_new)
         self.inbox.put(("begin", turn))
         return turn
+
+    def close(self) -> None:
+        self.inbox.put(("close", None))
 
     def _serve(self) -> None:
         active: dict[Any, Turn] = {}  # og.Request -> turn
@@ -328,6 +334,8 @@ class EngineLoop:
         done = og.EngineEventFlags.TURN_FINISHED | og.EngineEventFlags.FAILED
         while True:
             for kind, turn in self._arrivals(block=not active):
+                if kind == "close":
+                    return
                 if kind == "begin":
                     try:
                         request, turn_id = self._begin(engine, turn)
@@ -364,7 +372,7 @@ class EngineLoop:
                     del active[event.request], started[turn]
                     event.request.close()
 
-    def _arrivals(self, block: bool) -> list[tuple[str, Turn]]:
+    def _arrivals(self, block: bool) -> list[tuple[str, Turn | None]]:
         """Everything queued so far; when `block`, wait for at least one item first."""
         arrived = []
         try:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -33,7 +34,6 @@ from steps.core.provenance import (
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = PROJECT_ROOT / "mlflow.db"
-DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlruns"
 DEFAULT_EXPERIMENT = "llm-to-mlflow"
 
 
@@ -127,6 +127,12 @@ def _experiment_id(name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # In the zero-set-up store, keep artifacts in the project instead of the caller's cwd.
-    location = DEFAULT_ARTIFACTS.as_uri() if uri == f"sqlite:///{DEFAULT_STORE}" else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database file (MLflow's default is
+    ./mlruns under whatever directory the process runs in); servers choose their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
