@@ -1,5 +1,7 @@
 """Shared fixtures: one snapshot store per test session (the bundled model is fetched and
-converted once), a throwaway SQLite tracking store per test, and composed configs."""
+converted once), a throwaway SQLite tracking store per test, composed configs, and one real
+`mlflow server` with the whole pipeline run against it (shared by the pipeline and serving
+tests)."""
 
 from __future__ import annotations
 
