@@ -9,7 +9,10 @@ under --out (reused on the next run, as `main` reuses steps), builds each ONNX v
 pipeline's builder (cached), and then times, side by side in one process and interleaved
 repetition by repetition: raw transformers, the wrap_transformers pyfunc, raw
 onnxruntime-genai for every variant, and the wrap_onnx pyfunc. One warm-up generation per
-runtime is not counted. Results: --out/speed.json and --out/speed.md (also printed).
+runtime is not counted. Results: --out/speed.json and --out/speed.md (also printed), and a
+run `bench-speed` in the bench's tracking store with one metric per runtime and measure, both
+files as artifacts and the git commit and package versions as tags:
+`mlflow ui --backend-store-uri sqlite:///bench/results/mlflow.db`.
 """
 
 from __future__ import annotations
@@ -219,6 +222,26 @@ def main() -> None:
     }
     (args.out / "speed.json").write_text(json.dumps(report, indent=2))
     (args.out / "speed.md").write_text(table + "\n")
+    log_run(report, args.out, uri)
+
+
+def log_run(report: dict, out: Path, tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("bench")
+    with mlflow.start_run(run_name="bench-speed"):
+        mlflow.log_params(report["settings"])
+        mlflow.set_tags(
+            {"git.commit": report["git"]["commit"], "git.dirty": str(report["git"]["dirty"])}
+            | {f"versions.{name}": v for name, v in report["versions"].items()}
+        )
+        mlflow.log_metric("read_bandwidth_gb_per_s", report["read_bandwidth_bytes_per_s"] / 1e9)
+        for result in report["results"]:
+            name = result["runtime"].replace(" ", "_")
+            for key in ("ttft_s", "decode_tokens_per_s", "end_to_end_tokens_per_s"):
+                if result[key] is not None:
+                    mlflow.log_metric(f"{name}.{key}", result[key])
+        mlflow.log_artifact(str(out / "speed.json"))
+        mlflow.log_artifact(str(out / "speed.md"))
 
 
 if __name__ == "__main__":
