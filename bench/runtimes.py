@@ -122,7 +122,8 @@ def raw_onnx(model_dir: Path) -> Runner:
     return run
 
 
-def onnx_pyfunc(model_uri: str) -> Runner:
+def pyfunc(model_uri: str, stream: bool) -> Runner:
+    """A logged chat model through `predict_stream` (timed to its first chunk) or `predict`."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
@@ -131,26 +132,14 @@ def onnx_pyfunc(model_uri: str) -> Runner:
         request = {"messages": messages, "max_tokens": new_tokens, "temperature": 0}
         started = time.perf_counter()
         first, usage = None, {}
-        for chunk in model.predict_stream(request):
-            first = first or time.perf_counter() - started
-            usage = chunk.get("usage", usage)
+        if stream:
+            for chunk in model.predict_stream(request):
+                first = first or time.perf_counter() - started
+                usage = chunk.get("usage", usage)
+        else:
+            (answer,) = model.predict(request)
+            usage = answer["usage"]
         total = time.perf_counter() - started
         return Sample(usage["prompt_tokens"], usage["completion_tokens"], total, first)
-
-    return run
-
-
-def transformers_pyfunc(model_uri: str) -> Runner:
-    import mlflow
-
-    model = mlflow.pyfunc.load_model(model_uri)
-
-    def run(messages: Messages, new_tokens: int) -> Sample:
-        request = {"messages": messages, "max_tokens": new_tokens, "temperature": 0}
-        started = time.perf_counter()
-        (answer,) = model.predict(request)
-        total = time.perf_counter() - started
-        usage = answer["usage"]
-        return Sample(usage["prompt_tokens"], usage["completion_tokens"], total, None)
 
     return run

@@ -32,10 +32,9 @@ from bench.decode_bytes import DecodeBytes, onnx_decode_bytes, safetensors_decod
 from bench.runtimes import (
     Runner,
     Sample,
-    onnx_pyfunc,
+    pyfunc,
     raw_onnx,
     raw_transformers,
-    transformers_pyfunc,
 )
 from steps import main as pipeline
 from steps.core.config import PipelineConfig, compose_config
@@ -83,7 +82,7 @@ def prepare(
     runners = {
         "transformers": (raw_transformers(fetched.model_dir), transformers_bytes),
         "transformers pyfunc": (
-            transformers_pyfunc(tags["main.model_uri.transformers"]),
+            pyfunc(tags["main.model_uri.transformers"], stream=False),
             transformers_bytes,
         ),
     }
@@ -95,10 +94,11 @@ def prepare(
         )
         built = build_onnx(cfg.model.name, fetched.model_dir, inputs, store)
         label = "-".join(["onnx", precision, *options.values()])
-        runners[label] = (raw_onnx(built.model_dir), onnx_decode_bytes(built.model_dir))
+        decode_bytes = onnx_decode_bytes(built.model_dir)
+        runners[label] = (raw_onnx(built.model_dir), decode_bytes)
         if variant == wrapped_variant:
             uri = tags["main.model_uri.onnxruntime-genai"]
-            runners[f"{label} pyfunc"] = (onnx_pyfunc(uri), onnx_decode_bytes(built.model_dir))
+            runners[f"{label} pyfunc"] = (pyfunc(uri, stream=True), decode_bytes)
     return runners
 
 
