@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 from servers import TrackingServer, clean_env, tracking_server
 
@@ -42,6 +43,14 @@ def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     """The caller's environment without MLflow or Hub settings, with this interpreter's
     environment first on PATH (`mlflow run` resolves `python` from there)."""
     return clean_env(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME="e2e", **extra)
+
+
+def conda_env() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
+
+
+def conda_pip_requirements(conda: dict) -> list[str]:
+    return [line for dep in conda["dependencies"] if isinstance(dep, dict) for line in dep["pip"]]
 
 
 @pytest.fixture(scope="session")

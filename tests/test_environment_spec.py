@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import tomllib
 
-import yaml
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, conda_env, conda_pip_requirements
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -16,18 +15,10 @@ def _requirements(lines: list[str]) -> dict[str, Requirement]:
     return {canonicalize_name(req.name): req for req in reqs}
 
 
-def _conda() -> dict:
-    return yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
-
-
-def _pip_sections(conda: dict) -> list[str]:
-    return [line for dep in conda["dependencies"] if isinstance(dep, dict) for line in dep["pip"]]
-
-
 def test_conda_and_pyproject_pin_the_same_runtime_dependencies() -> None:
     pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
     project = _requirements(pyproject["project"]["dependencies"])
-    conda = _requirements(_pip_sections(_conda()))
+    conda = _requirements(conda_pip_requirements(conda_env()))
     assert project.keys() == conda.keys(), (
         f"only in pyproject: {sorted(project.keys() - conda.keys())}; "
         f"only in conda.yaml: {sorted(conda.keys() - project.keys())}"
@@ -43,6 +34,6 @@ def test_conda_and_pyproject_pin_the_same_runtime_dependencies() -> None:
 
 
 def test_conda_env_pins_python_311_and_the_cpu_torch_release() -> None:
-    conda = _conda()
+    conda = conda_env()
     assert "python=3.11" in conda["dependencies"]
-    assert "torch==2.13.0" in _pip_sections(conda)
+    assert "torch==2.13.0" in conda_pip_requirements(conda)

@@ -7,8 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import PROJECT_ROOT, mlflow_run, project_env
+from conftest import conda_env, conda_pip_requirements, mlflow_run, project_env
 from mlflow import MlflowClient
 from packaging.requirements import Requirement
 
@@ -31,7 +30,10 @@ def test_fetch_runs_in_a_uv_environment_built_from_conda_yaml(
 
     (env_dir,) = (tmp_path / "envs").iterdir()
     assert f"source {env_dir}/bin/activate && python -m steps fetch" in result.stderr
-    pins = _conda_pins()
+    pins = {
+        req.name: str(req.specifier).removeprefix("==")
+        for req in map(Requirement, conda_pip_requirements(conda_env()))
+    }
     env_torch = subprocess.run(
         [str(env_dir / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
         capture_output=True, text=True, check=True,
@@ -47,9 +49,3 @@ def test_fetch_runs_in_a_uv_environment_built_from_conda_yaml(
         if key.startswith("versions.")
     }
     assert all(recorded[name].split("+")[0] == pins[name] for name in recorded if name in pins)
-
-
-def _conda_pins() -> dict[str, str]:
-    conda = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
-    lines = next(dep["pip"] for dep in conda["dependencies"] if isinstance(dep, dict))
-    return {req.name: str(req.specifier).removeprefix("==") for req in map(Requirement, lines)}
