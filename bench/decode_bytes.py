@@ -93,3 +93,29 @@ def safetensors_decode_bytes(folder: Path) -> DecodeBytes:
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "uint16", "I64": "int64"}
+
+
+def gguf_decode_bytes(path: Path, kv_itemsize: int = 2) -> DecodeBytes:
+    """From a GGUF file's tensor table (each tensor's stored bytes, quantization blocks
+    included) and its llama.* metadata; llama.cpp keeps the KV cache in f16 by default. Without
+    an `output.weight`, the token embedding table is also the output projection."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def field(key: str) -> int:
+        found = reader.fields[key]
+        return int(found.parts[found.data[0]][0])
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    tensors = {t.name: t for t in reader.tensors}
+    embedding = tensors["token_embd.weight"]
+    tied = "output.weight" not in tensors
+    weights = sum(int(t.n_bytes) for name, t in tensors.items() if name != "token_embd.weight")
+    rows = int(embedding.n_bytes) // int(embedding.shape[-1])
+    if tied:
+        weights += int(embedding.n_bytes)
+    head_size = field(f"{arch}.embedding_length") // field(f"{arch}.attention.head_count")
+    kv_heads = field(f"{arch}.attention.head_count_kv")
+    kv = 2 * field(f"{arch}.block_count") * kv_heads * head_size * kv_itemsize
+    return DecodeBytes(weights, rows, kv)

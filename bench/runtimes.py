@@ -1,27 +1,36 @@
-"""One timed generation on each runtime, raw and wrapped, for the same chat messages.
+"""One timed greedy generation on each runtime, raw and wrapped.
 
-Every runner takes chat messages and a number of new tokens, decodes greedily, and returns a
-Sample. The raw runners apply the chat template outside the timed part (the ids equal the
-pyfunc models' own, a test of the wrap steps checks that); the pyfunc models do everything
-inside it, as a caller sees them. Runs stop at the end-of-sequence token like a user's request
-does, so the harness uses prompts that ask for long answers and compares per-token rates.
+A runtime is named by a `RuntimeSpec` (kind + location + threads), so the same runtime can be
+opened in this process for timing or in a fresh one for its memory (bench/memory.py).
 
-- raw transformers: `model.generate` with a streamer that timestamps each token;
-- raw onnxruntime-genai: an `og.Generator` loop, timed around its first token;
+Raw runtimes take token ids: the prompt is templated and tokenized once, outside the timed
+part, by the transformers tokenizer of the fetched snapshot, so every raw runtime reads the
+very same ids (llama.cpp included: the GGUF carries the same vocabulary). `ignore_eos=True`
+forces exactly `new_tokens` new tokens, for the prompt- and generation-length curves.
+
+- transformers: `model.generate` with a streamer that timestamps each token;
+- onnxruntime-genai: an `og.Generator` loop, timed around its first token;
+- llama.cpp (llama-cpp-python, the `bench` extra): `Llama.generate` on the bundled GGUF, with
+  its KV cache reset before every run so no prompt prefix is reused between repetitions;
 - the wrap_onnx pyfunc: `predict_stream`, timed on its first chunk;
 - the wrap_transformers pyfunc: `predict`; MLflow's chat flavor cannot stream, so only its
-  end-to-end rate is known.
+  end-to-end rate is known. Pyfunc models take chat messages and stop at the end token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+
+Messages = list[dict[str, str]]
+KINDS = ("transformers", "onnx", "llama.cpp", "pyfunc", "pyfunc-stream")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,16 @@ class Sample:
     new_tokens: int
     total_s: float
     ttft_s: float | None  # None where the runtime cannot stream
+    # When each new token was ready, in seconds from the start (raw runtimes only).
+    token_s: tuple[float, ...] = ()
+
+    def first(self, tokens: int) -> Sample:
+        """The sample of a generation of only its first `tokens` tokens (greedy decoding
+        makes the first tokens of a longer generation exactly a shorter one)."""
+        if not self.token_s or tokens > len(self.token_s):
+            raise ValueError(f"this sample has no timestamps for {tokens} tokens")
+        stamps = self.token_s[:tokens]
+        return Sample(self.prompt_tokens, tokens, stamps[-1], self.ttft_s, stamps)
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
@@ -46,80 +65,158 @@ class Sample:
         return self.new_tokens / self.total_s
 
 
-Messages = list[dict[str, str]]
+@dataclass(frozen=True)
+class RuntimeSpec:
+    label: str
+    kind: str  # one of KINDS
+    location: str  # model folder, GGUF file or model URI
+    threads: int | None = None  # None: the runtime's own default
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown runtime kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+
+class RawRuntime(Protocol):
+    def generate(self, ids: list[int], new_tokens: int, ignore_eos: bool = False) -> Sample: ...
+
+
 Runner = Callable[[Messages, int], Sample]
 
 
-def raw_transformers(model_dir: Path, threads: int | None = None) -> Runner:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.generation.streamers import BaseStreamer
+def open_runner(spec: RuntimeSpec, chat_ids: Callable[[Messages], list[int]]) -> Runner:
+    """A chat runner for the spec: raw runtimes get `chat_ids(messages)`, pyfunc models the
+    messages themselves."""
+    if spec.kind.startswith("pyfunc"):
+        return pyfunc(spec.location, stream=spec.kind == "pyfunc-stream")
+    runtime = open_raw(spec)
+    return lambda messages, new_tokens: runtime.generate(chat_ids(messages), new_tokens)
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+def open_raw(spec: RuntimeSpec) -> RawRuntime:
+    opened = {"transformers": Transformers, "onnx": OnnxGenai, "llama.cpp": LlamaCpp}
+    if spec.kind not in opened:
+        raise ValueError(f"{spec.label}: a {spec.kind} runtime takes chat messages, not ids")
+    return opened[spec.kind](Path(spec.location), spec.threads)
+
+
+def chat_template_ids(model_dir: Path) -> Callable[[Messages], list[int]]:
+    """The prompt ids every raw runtime gets: the snapshot's own chat template."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    class Stamps(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value) -> None:  # the prompt first, then one call per new token
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    def run(messages: Messages, new_tokens: int) -> Sample:
-        ids = tokenizer.apply_chat_template(
+    def ids(messages: Messages) -> list[int]:
+        return tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        stamps = Stamps()
+
+    return ids
+
+
+class Transformers:
+    def __init__(self, model_dir: Path, threads: int | None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self._model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(self, ids: list[int], new_tokens: int, ignore_eos: bool = False) -> Sample:
+        from transformers.generation.streamers import BaseStreamer
+
+        torch = self._torch
+        stamps: list[float] = []
+
+        class Stamps(BaseStreamer):
+            def put(self, value) -> None:  # the prompt first, then one call per new token
+                stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
         started = time.perf_counter()
         with torch.inference_mode():
-            output = model.generate(
+            output = self._model.generate(
                 torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens if ignore_eos else None,
                 do_sample=False,
-                streamer=stamps,
+                streamer=Stamps(),
             )
         total = time.perf_counter() - started
-        generated = output.shape[1] - len(ids)
-        return Sample(len(ids), generated, total, stamps.times[1] - started)
-
-    return run
+        token_s = tuple(stamp - started for stamp in stamps[1:])
+        return Sample(len(ids), output.shape[1] - len(ids), total, token_s[0], token_s)
 
 
-def raw_onnx(model_dir: Path) -> Runner:
-    import onnxruntime_genai as og
+class OnnxGenai:
+    def __init__(self, model_dir: Path, threads: int | None) -> None:
+        import onnxruntime_genai as og
 
-    config = og.Config(str(model_dir))
-    config.clear_providers()
-    model = og.Model(config)
-    tokenizer = og.Tokenizer(model)
+        config = og.Config(str(model_dir))
+        config.clear_providers()
+        if threads:
+            session = {"intra_op_num_threads": threads}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+        self._og = og
+        self._model = og.Model(config)
 
-    def run(messages: Messages, new_tokens: int) -> Sample:
-        prompt = tokenizer.apply_chat_template(
-            messages=json.dumps(messages), add_generation_prompt=True
+    def generate(self, ids: list[int], new_tokens: int, ignore_eos: bool = False) -> Sample:
+        og = self._og
+        params = og.GeneratorParams(self._model)
+        length = len(ids) + new_tokens
+        params.set_search_options(
+            max_length=length, min_length=length if ignore_eos else 0, do_sample=False
         )
-        ids = tokenizer.encode(prompt)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
+        generator = og.Generator(self._model, params)
         started = time.perf_counter()
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         generator.generate_next_token()
-        first = time.perf_counter() - started
-        generated = 1
+        token_s = [time.perf_counter() - started]
         while not generator.is_done():
             generator.generate_next_token()
-            generated += 1
+            token_s.append(time.perf_counter() - started)
         total = time.perf_counter() - started
         del generator
-        return Sample(len(ids), generated, total, first)
+        return Sample(len(ids), len(token_s), total, token_s[0], tuple(token_s))
 
-    return run
+
+class LlamaCpp:
+    CONTEXT = 2048  # room for the longest prompt-length point (1024) plus 256 new tokens
+
+    def __init__(self, gguf: Path, threads: int | None) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise SystemExit(
+                "llama.cpp is the benchmark's optional peer: pip install -e '.[bench]' "
+                "(llama-cpp-python compiles for several minutes), or leave out --llama-cpp"
+            ) from None
+        threads = threads or os.cpu_count() or 1
+        self._llm = Llama(
+            model_path=str(gguf),
+            n_ctx=self.CONTEXT,
+            n_batch=self.CONTEXT,  # the whole prompt in one batch, as the other runtimes do
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+
+    def generate(self, ids: list[int], new_tokens: int, ignore_eos: bool = False) -> Sample:
+        llm = self._llm
+        llm.reset()  # or generate() would reuse the KV cache of the previous run's prompt
+        eos = llm.token_eos()
+        token_s: list[float] = []
+        started = time.perf_counter()
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            token_s.append(time.perf_counter() - started)
+            if len(token_s) == new_tokens or (token == eos and not ignore_eos):
+                break
+        total = time.perf_counter() - started
+        return Sample(len(ids), len(token_s), total, token_s[0], tuple(token_s))
 
 
 def pyfunc(model_uri: str, stream: bool) -> Runner:

@@ -1,0 +1,107 @@
+"""The models a benchmark times: the pipeline's own steps, run into the bench's tracking store.
+
+`bench_models` runs the pipeline's `main` with `fetch`, `wrap_transformers` and `wrap_onnx`
+into `<store folder>/mlflow.db` (experiment `bench`); like any `main` run it reuses the steps
+of an earlier bench run whose inputs are unchanged. `onnx_build` builds (or finds in the
+pipeline's cache) any other ONNX variant of the same snapshot with the pipeline's builder.
+
+A variant is written `precision[:option=value,...]` with the builder's `--extra_options`
+names, e.g. `int4:algo_config=k_quant_last` or `int8:block_size=128`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from steps import main as pipeline
+from steps.core.config import PipelineConfig, SourceKind, compose_config
+from steps.core.lineage import fetched_snapshot
+from steps.core.onnx_build import build_inputs, build_onnx
+from steps.core.snapshot_store import SnapshotStore
+
+EXPERIMENT = "bench"
+DEFAULT_STORE = Path("bench/results")
+
+
+@dataclass(frozen=True)
+class BenchModels:
+    cfg: PipelineConfig
+    tracking_uri: str
+    snapshot_dir: Path  # the fetched HF folder (transformers' weights, the builder's input)
+    snapshot_id: str
+    gguf: Path | None  # the bundled GGUF the snapshot was converted from, for llama.cpp
+    transformers_uri: str  # the wrap_transformers model
+    onnx_uri: str  # the wrap_onnx model (the compute target's precision)
+
+    @property
+    def onnx_variant(self) -> str:
+        """The variant the wrap_onnx model was built as, in `variant` notation."""
+        options = self.cfg.wrap.onnx_builder_options
+        precision = self.cfg.compute.onnx_precision.value
+        return precision + (
+            ":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""
+        )
+
+
+def tracking_uri(store: Path) -> str:
+    return f"sqlite:///{(store / 'mlflow.db').resolve()}"
+
+
+def bench_models(
+    model: str, compute: str, store: Path = DEFAULT_STORE, overrides: tuple[str, ...] = ()
+) -> BenchModels:
+    store.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(store)
+    tracking = [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", *overrides]
+    cfg = compose_config(
+        [
+            f"model={model}",
+            f"compute={compute}",
+            *tracking,
+            "main.steps=[fetch,wrap_transformers,wrap_onnx]",
+        ]
+    )
+    pipeline.main(cfg, tracking)
+    parent = mlflow.last_active_run()
+    tags = parent.data.tags
+    _, fetched = fetched_snapshot(cfg, parent.info.experiment_id)
+    gguf = None
+    if cfg.model.source.kind is SourceKind.bundled:
+        gguf = SnapshotStore.open(cfg.fetch.cache_dir).blob_path(cfg.model.source.sha256)
+    return BenchModels(
+        cfg=cfg,
+        tracking_uri=uri,
+        snapshot_dir=fetched.model_dir,
+        snapshot_id=fetched.manifest.snapshot_id,
+        gguf=gguf,
+        transformers_uri=tags["main.model_uri.transformers"],
+        onnx_uri=tags["main.model_uri.onnxruntime-genai"],
+    )
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """`int4:algo_config=k_quant_last` -> ("int4", {"algo_config": "k_quant_last"})."""
+    precision, _, rest = variant.partition(":")
+    items = [item for item in rest.split(",") if item]
+    if any("=" not in item for item in items):
+        raise SystemExit(f"variant {variant!r}: write builder options as option=value")
+    return precision, dict(item.split("=", 1) for item in items)
+
+
+def variant_label(variant: str) -> str:
+    """The name the wrap_onnx step gives the same build: `onnx-int4-k_quant_last`."""
+    precision, options = parse_variant(variant)
+    return "-".join(["onnx", precision, *options.values()])
+
+
+def onnx_build(models: BenchModels, variant: str) -> Path:
+    """The folder of an ONNX build of the bench snapshot (built once, then cached)."""
+    precision, options = parse_variant(variant)
+    inputs = build_inputs(
+        models.snapshot_id, precision, models.cfg.compute.onnx_provider.value, options
+    )
+    store = SnapshotStore.open(models.cfg.fetch.cache_dir)
+    return build_onnx(models.cfg.model.name, models.snapshot_dir, inputs, store).model_dir

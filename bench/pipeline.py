@@ -1,0 +1,186 @@
+"""Cold and warm wall time of the whole pipeline: `mlflow run <project> --env-manager local`
+(entry point main) twice against a fresh, throwaway SQLite tracking store.
+
+    python -m bench.pipeline [--model smollm2-135m] [--compute cpu] [--cold-cache] [--dry-run]
+        [--out bench/results]
+
+The store is a new temp folder's mlflow.db (MLFLOW_TRACKING_URI, experiment `bench-pipeline`
+through MLFLOW_EXPERIMENT_NAME). `mlflow run` runs in that folder, as the tests run it: for a
+SQLite store MLflow puts the runs' artifacts under ./mlruns of the current directory.
+
+- cold: the first run into the empty store, so every step runs. The snapshot cache under
+  XDG_CACHE_HOME (fetched snapshots, GGUF conversions, ONNX builds) stays as it is, unless
+  --cold-cache gives the run an empty temp XDG_CACHE_HOME, so the conversion and the ONNX build
+  happen too (and a Hub download, for a model that is not bundled, unless HF_HOME or
+  HF_HUB_CACHE is set).
+- warm: the same command again; `main` reuses every step. The table says how many steps each
+  run reused, read from its parent run's `main.<step>.reused` tags: fewer than all when the
+  checkout changed between the two runs (the reuse key includes the uncommitted changes).
+
+Each run's output streams to cold.log / warm.log in the temp folder. On success the temp folder
+is removed; if a run fails, its log's tail is printed and the folder is kept. --dry-run prints
+the command, its working directory and the environment changes, and runs nothing. Results:
+--out/pipeline.json and --out/pipeline.md (also printed), and a run `bench-pipeline` in the
+bench's own tracking store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from bench.models import tracking_uri
+from bench.reporting import provenance, write_report
+from steps.core.provenance import PROJECT_ROOT
+
+EXPERIMENT = "bench-pipeline"
+
+
+@dataclass(frozen=True)
+class Invocation:
+    command: list[str]
+    cwd: Path
+    env: dict[str, str]
+    tracking_uri: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str  # cold or warm
+    wall_s: float
+    exit_status: int
+    steps_reused: int
+    steps: int
+
+
+def invocation(folder: Path, model: str, compute: str, cold_cache: bool) -> Invocation:
+    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    command = [
+        sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local",
+        "-e", "main", "-P", f"model={model}", "-P", f"compute={compute}",
+    ]  # fmt: skip
+    # Stray MLFLOW_ settings (MLFLOW_RUN_ID above all) would send the runs elsewhere. HF_
+    # settings stay: a model that is not bundled needs the user's Hub token and cache.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {
+        # `mlflow run --env-manager local` resolves `python` from PATH: this interpreter's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
+    }
+    if cold_cache:
+        env["XDG_CACHE_HOME"] = str(folder / "cache")
+    return Invocation(command, folder, env, tracking_uri)
+
+
+def describe(run: Invocation) -> str:
+    """The command, where it runs, and what differs from this process's environment."""
+    changed = {k: v for k, v in run.env.items() if os.environ.get(k) != v}
+    removed = sorted(set(os.environ) - set(run.env))
+    lines = [f"cwd: {run.cwd}", f"command: {' '.join(run.command)}", "env set:"]
+    lines += [f"  {key}={value}" for key, value in sorted(changed.items())]
+    lines.append(f"env removed: {', '.join(removed) or '(none)'}")
+    return "\n".join(lines)
+
+
+def timed_run(run: Invocation, log: Path) -> tuple[float, int]:
+    """Wall seconds and exit status of one `mlflow run`, its output streamed to `log`."""
+    with log.open("wb") as sink:
+        started = time.perf_counter()
+        process = subprocess.run(
+            run.command, cwd=run.cwd, env=run.env, stdout=sink, stderr=subprocess.STDOUT
+        )
+        wall = time.perf_counter() - started
+    return wall, process.returncode
+
+
+def steps_reused(tracking_uri: str) -> list[tuple[int, int]]:
+    """(steps reused, steps) of each `main` parent run in the store, oldest first."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`pipeline.step` = 'main'",
+        order_by=["attributes.start_time ASC"],
+    )
+    counts = []
+    for parent in parents:
+        reused = [v for k, v in parent.data.tags.items() if k.endswith(".reused")]
+        counts.append((reused.count("true"), len(reused)))
+    return counts
+
+
+def measure(run: Invocation) -> list[Timing]:
+    walls = []
+    for name in ("cold", "warm"):
+        log = run.cwd / f"{name}.log"
+        wall, status = timed_run(run, log)
+        print(f"{name}: {wall:.1f} s, exit status {status}", flush=True)
+        if status != 0:
+            print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
+            raise SystemExit(
+                f"the {name} `mlflow run` exited with {status}; its log (tail above): {log}"
+            )
+        walls.append((name, wall, status))
+    counts = steps_reused(run.tracking_uri)
+    return [
+        Timing(name, wall, status, reused, steps)
+        for (name, wall, status), (reused, steps) in zip(walls, counts, strict=True)
+    ]
+
+
+def markdown(timings: list[Timing]) -> str:
+    cold, warm = timings
+    lines = [
+        "| run | wall s | exit status | steps reused |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {t.name} | {t.wall_s:.1f} | {t.exit_status} | {t.steps_reused}/{t.steps} |"
+            for t in timings
+        ),
+        "",
+        f"warm / cold: {warm.wall_s / cold.wall_s:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--compute", default="cpu")
+    parser.add_argument(
+        "--cold-cache", action="store_true", help="an empty XDG_CACHE_HOME for the runs"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    run = invocation(folder, args.model, args.compute, args.cold_cache)
+    if args.dry_run:
+        print(describe(run))
+        folder.rmdir()
+        return
+    print(f"{describe(run)}\n", flush=True)
+    timings = measure(run)
+    report = provenance(vars(args)) | {
+        "command": run.command,
+        "warm_over_cold": timings[1].wall_s / timings[0].wall_s,
+        "runs": [asdict(t) for t in timings],
+    }
+    metrics = {f"{t.name}_wall_s": t.wall_s for t in timings}
+    metrics["warm_over_cold"] = report["warm_over_cold"]
+    write_report("pipeline", report, markdown(timings), args.out, tracking_uri(args.out), metrics)
+    shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Which ONNX builds keep the answers: the pipeline's own evaluate step over several variants.
+
+    python -m bench.quality [--variants fp32 int8 int4 int4:algo_config=k_quant_last]
+        [--model smollm2-135m] [--compute cpu] [--out bench/results]
+
+Each variant is wrapped by the pipeline's wrap_onnx step (`compute.onnx_precision` plus one
+`wrap.onnx_builder_options` override per builder option; builds are cached), then one evaluate
+run asks the wrap_transformers model and every variant the whole evaluation set, greedy.
+The table shows each model's accuracy, how many items it gets right that the reference ONNX
+variant (the first one) gets wrong and vice versa, how many answers are word-for-word the
+reference's, and its tokens/s in the evaluation. Speed is bench.speed's job; this is for
+"which variants keep the reference's accuracy".
+
+Results: --out/quality.json and --out/quality.md, and a run `bench-quality`; the evaluate run
+itself (items, chart) is in the bench's tracking store too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+
+from bench.models import EXPERIMENT, BenchModels, bench_models, parse_variant, variant_label
+from bench.reporting import provenance, write_report
+from steps import evaluate, wrap_onnx
+from steps.core.config import compose_config
+
+
+@dataclass(frozen=True)
+class Quality:
+    label: str
+    accuracy: float
+    correct: int
+    gained: int  # right here, wrong in the reference
+    lost: int  # wrong here, right in the reference
+    same_answers: int  # word for word the reference's answer
+    items: int
+    tokens_per_s: float
+
+
+def step_config(models: BenchModels, overrides: list[str]):
+    return compose_config(
+        [
+            f"model={models.cfg.model.name}",
+            f"compute={models.cfg.compute.name}",
+            f"tracking.uri={models.tracking_uri}",
+            f"tracking.experiment={EXPERIMENT}",
+            *overrides,
+        ]
+    )
+
+
+def wrap_variant(models: BenchModels, variant: str) -> str:
+    """The run id of a wrap_onnx run that built and logged this variant."""
+    precision, options = parse_variant(variant)
+    overrides = [f"compute.onnx_precision={precision}"]
+    overrides += [f"+wrap.onnx_builder_options.{k}={v}" for k, v in options.items()]
+    wrap_onnx.main(step_config(models, overrides))
+    return mlflow.last_active_run().info.run_id
+
+
+def evaluate_runs(models: BenchModels, wrap_run_ids: list[str]) -> str:
+    ids = ",".join(wrap_run_ids)
+    evaluate.main(step_config(models, [f"evaluate.wrap_run_ids=[{ids}]"]))
+    return mlflow.last_active_run().info.run_id
+
+
+def compare(evaluate_run_id: str, labels: list[str], reference: str) -> list[Quality]:
+    items = mlflow.load_table("eval/items.json", run_ids=[evaluate_run_id])
+    metrics = mlflow.get_run(evaluate_run_id).data.metrics
+    right = {label: items[f"{label} correct"].astype(bool) for label in labels}
+    answers = {label: items[f"{label} answer"] for label in labels}
+    return [
+        Quality(
+            label=label,
+            accuracy=metrics[f"{label}.accuracy"],
+            correct=int(right[label].sum()),
+            gained=int((right[label] & ~right[reference]).sum()),
+            lost=int((~right[label] & right[reference]).sum()),
+            same_answers=int((answers[label] == answers[reference]).sum()),
+            items=len(items),
+            tokens_per_s=metrics[f"{label}.tokens_per_s"],
+        )
+        for label in labels
+    ]
+
+
+def markdown(results: list[Quality], reference: str, evaluate_run_id: str) -> str:
+    lines = [
+        f"Evaluate run {evaluate_run_id}; reference: {reference}.",
+        "",
+        "| model | accuracy | right | gained | lost | same answer as reference | "
+        "tokens/s in evaluation |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {q.label} | {q.accuracy:.3f} | {q.correct}/{q.items} | {q.gained} | {q.lost} | "
+        f"{q.same_answers}/{q.items} | {q.tokens_per_s:.1f} |"
+        for q in results
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--compute", default="cpu")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["fp32", "int8", "int4", "int4:algo_config=k_quant_last"],
+        help="ONNX builds to evaluate; the first is the reference",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    models = bench_models(args.model, args.compute, args.out)
+    client = mlflow.MlflowClient()
+    transformers_run = client.get_logged_model(
+        models.transformers_uri.removeprefix("models:/")
+    ).source_run_id
+    wrap_runs = [transformers_run] + [wrap_variant(models, v) for v in args.variants]
+    evaluate_run_id = evaluate_runs(models, wrap_runs)
+    labels = ["transformers"] + [variant_label(v) for v in args.variants]
+    reference = labels[1]
+    results = compare(evaluate_run_id, labels, reference)
+    report = provenance(vars(args)) | {
+        "evaluate_run_id": evaluate_run_id,
+        "reference": reference,
+        "results": [asdict(q) for q in results],
+    }
+    metrics = {f"{q.label}.accuracy": q.accuracy for q in results}
+    table = markdown(results, reference, evaluate_run_id)
+    write_report("quality", report, table, args.out, models.tracking_uri, metrics)
+
+
+if __name__ == "__main__":
+    main()

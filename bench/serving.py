@@ -1,0 +1,394 @@
+"""Requests/s and latency of the logged chat models at 1, 4 and 8 concurrent clients, served two
+ways side by side: over HTTP by a real `mlflow models serve` process, and in-process through
+`mlflow.pyfunc.load_model(...).predict`.
+
+    python -m bench.serving [--model smollm2-135m] [--compute cpu] [--runtimes onnx transformers]
+        [--clients 1 4 8] [--requests 16] [--max-tokens 32] [--onnx-model-uri URI]
+        [--out bench/results]
+
+Models: the pipeline's wrap_transformers and wrap_onnx models in the bench's tracking store
+(bench/models.py). --onnx-model-uri serves another ONNX model instead (e.g. another precision's
+wrap_onnx model in the same store).
+
+Per runtime, `mlflow models serve -m <uri> --env-manager local` starts on a loopback port (one
+uvicorn worker, MLflow's default; its log is --out/serve-<runtime>.log) and the same model is
+loaded in this process. Each mode gets one untimed warm-up request. Then, for each client count
+in turn, HTTP and in-process are timed one after the other: N client threads share --requests
+greedy chat requests (`max_tokens` --max-tokens, `temperature` 0; the questions cycle through
+QUESTIONS), and each client sends its next request as soon as its previous answer arrives.
+
+Per level: wall time, requests/s (answered requests / wall), output tokens/s (sum of
+`usage.completion_tokens` / wall), p50 and p95 latency of the answered requests, errors (non-200
+answers, transport errors, exceptions from `predict`), scaling (requests/s over the same runtime
+and mode's 1-client requests/s), and how many answers differ from the answer the same question
+got at 1 client in the same mode (greedy decoding should make them equal). For HTTP also the
+HTTP cost: its requests/s over in-process requests/s at the same client count.
+
+Results: --out/serving.json, --out/serving.md (also printed) and --out/serving.png (requests/s
+and p95 latency against clients), all three also in a run `bench-serving` with one metric per
+level and measure (e.g. `onnx.http.c8.requests_per_s`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import requests
+from mlflow.exceptions import MlflowException
+
+from bench.models import bench_models
+from bench.reporting import provenance, write_report
+from tests.servers import clean_env, free_port, running
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "What is 2 + 2?",
+    "Name a primary color.",
+    "What is the largest planet in the solar system?",
+    "How many days are in a week?",
+    "What do bees make?",
+    "What is the boiling point of water in Celsius?",
+)
+RUNTIMES = ("onnx", "transformers")
+HTTP, IN_PROCESS = "http", "in-process"
+# One request waits at most this long: 8 clients on 2 cores can queue for minutes.
+REQUEST_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Answer:
+    content: str | None  # None when the request failed
+    completion_tokens: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    question: int  # index into QUESTIONS
+    latency_s: float
+    answer: Answer
+
+
+@dataclass(frozen=True)
+class Trial:
+    runtime: str
+    mode: str
+    clients: int
+    wall_s: float
+    outcomes: list[Outcome]
+
+
+@dataclass(frozen=True)
+class Level:
+    runtime: str
+    mode: str
+    clients: int
+    requests: int
+    errors: int
+    wall_s: float
+    requests_per_s: float
+    tokens_per_s: float
+    p50_s: float | None  # None when no request was answered
+    p95_s: float | None
+    scaling: float | None  # requests/s over the 1-client requests/s of this runtime and mode
+    http_cost: float | None  # HTTP only: requests/s over in-process requests/s, same clients
+    answers_differing: int  # answered, but not as the same question was at 1 client
+    first_error: str | None
+
+
+Send = Callable[[str], Answer]
+
+
+def chat_request(question: str, max_tokens: int) -> dict:
+    return {
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+def completion_answer(completion: dict) -> Answer:
+    return Answer(
+        completion["choices"][0]["message"]["content"],
+        completion["usage"]["completion_tokens"],
+        None,
+    )
+
+
+def http_sender(url: str, max_tokens: int) -> Send:
+    def send(question: str) -> Answer:
+        try:
+            response = requests.post(
+                f"{url}/invocations",
+                json=chat_request(question, max_tokens),
+                timeout=REQUEST_TIMEOUT_S,
+            )
+        except requests.RequestException as error:
+            return Answer(None, 0, f"{type(error).__name__}: {error}")
+        if response.status_code != 200:
+            return Answer(None, 0, f"HTTP {response.status_code}: {response.text[:300]}")
+        (completion,) = response.json()
+        return completion_answer(completion)
+
+    return send
+
+
+def in_process_sender(model: mlflow.pyfunc.PyFuncModel, max_tokens: int) -> Send:
+    def send(question: str) -> Answer:
+        try:
+            (completion,) = model.predict(chat_request(question, max_tokens))
+        # What the models raise for a request they cannot answer (the scoring server turns
+        # these into 4xx/5xx answers); anything else is a bug in the bench and should stop it.
+        except (MlflowException, RuntimeError, ValueError) as error:
+            return Answer(None, 0, f"{type(error).__name__}: {error}")
+        return completion_answer(completion)
+
+    return send
+
+
+def drive(send: Send, requests_total: int, clients: int) -> tuple[float, list[Outcome]]:
+    """Closed loop: `clients` threads take request i (question i mod len(QUESTIONS)) off a
+    shared queue and send the next one as soon as their previous answer arrives."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index in range(requests_total):
+        todo.put(index)
+    outcomes: list[Outcome] = []
+
+    def client() -> None:
+        while True:
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            question = index % len(QUESTIONS)
+            sent = time.perf_counter()
+            answer = send(QUESTIONS[question])
+            outcomes.append(Outcome(question, time.perf_counter() - sent, answer))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()  # re-raises a client's unexpected exception here
+    return time.perf_counter() - started, outcomes
+
+
+def warm_up(mode: str, send: Send) -> None:
+    answer = send(QUESTIONS[0])
+    if answer.error is not None:
+        raise RuntimeError(f"the {mode} warm-up request failed: {answer.error}")
+
+
+def measure_runtime(
+    runtime: str,
+    model_uri: str,
+    tracking_uri: str,
+    clients_levels: list[int],
+    requests_total: int,
+    max_tokens: int,
+    log: Path,
+) -> list[Trial]:
+    """Both modes of one runtime, interleaved client count by client count, so slow drift of
+    the machine hits them alike. The served process and the in-process model stay loaded
+    throughout; the idle one costs no CPU."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    env = clean_env(MLFLOW_TRACKING_URI=tracking_uri)
+    print(f"{runtime}: starting {' '.join(command[1:])} (log {log})", flush=True)
+    with running(command, env, f"{url}/ping", log):
+        senders = {
+            HTTP: http_sender(url, max_tokens),
+            IN_PROCESS: in_process_sender(mlflow.pyfunc.load_model(model_uri), max_tokens),
+        }
+        for mode, send in senders.items():
+            warm_up(mode, send)
+        print(f"{runtime}: served and loaded {model_uri}, warmed up", flush=True)
+        trials = []
+        for clients in clients_levels:
+            for mode, send in senders.items():
+                wall, outcomes = drive(send, requests_total, clients)
+                trial = Trial(runtime, mode, clients, wall, outcomes)
+                trials.append(trial)
+                print(progress_line(trial), flush=True)
+    return trials
+
+
+def progress_line(trial: Trial) -> str:
+    answered = [o for o in trial.outcomes if o.answer.error is None]
+    return (
+        f"{trial.runtime} {trial.mode} {trial.clients} clients: "
+        f"{len(answered) / trial.wall_s:.2f} req/s, {len(trial.outcomes) - len(answered)} errors, "
+        f"{trial.wall_s:.1f} s"
+    )
+
+
+def summarize(trials: list[Trial]) -> list[Level]:
+    def answered(trial: Trial) -> list[Outcome]:
+        return [o for o in trial.outcomes if o.answer.error is None]
+
+    rates = {(t.runtime, t.mode, t.clients): len(answered(t)) / t.wall_s for t in trials}
+    # The first answer each question got at 1 client, per runtime and mode.
+    references: dict[tuple[str, str], dict[int, str | None]] = {}
+    for trial in (t for t in trials if t.clients == 1):
+        found = references.setdefault((trial.runtime, trial.mode), {})
+        for outcome in sorted(answered(trial), key=lambda o: o.question):
+            found.setdefault(outcome.question, outcome.answer.content)
+
+    levels = []
+    for trial in trials:
+        ok = answered(trial)
+        rate = rates[(trial.runtime, trial.mode, trial.clients)]
+        base = rates[(trial.runtime, trial.mode, 1)]
+        in_process = rates[(trial.runtime, IN_PROCESS, trial.clients)]
+        reference = references[(trial.runtime, trial.mode)]
+        latencies = [o.latency_s for o in ok]
+        p50, p95 = np.percentile(latencies, [50, 95]).tolist() if latencies else (None, None)
+        errors = [o.answer.error for o in trial.outcomes if o.answer.error is not None]
+        levels.append(
+            Level(
+                runtime=trial.runtime,
+                mode=trial.mode,
+                clients=trial.clients,
+                requests=len(trial.outcomes),
+                errors=len(errors),
+                wall_s=trial.wall_s,
+                requests_per_s=rate,
+                tokens_per_s=sum(o.answer.completion_tokens for o in ok) / trial.wall_s,
+                p50_s=p50,
+                p95_s=p95,
+                scaling=rate / base if base else None,
+                http_cost=rate / in_process if trial.mode == HTTP and in_process else None,
+                answers_differing=sum(
+                    o.question in reference and o.answer.content != reference[o.question]
+                    for o in ok
+                ),
+                first_error=errors[0] if errors else None,
+            )
+        )
+    return levels
+
+
+def markdown(levels: list[Level]) -> str:
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| runtime | mode | clients | requests | errors | req/s | scaling vs 1 client | "
+        "tokens/s | p50 s | p95 s | answers differing |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in levels:
+        lines.append(
+            f"| {level.runtime} | {level.mode} | {level.clients} | {level.requests} | "
+            f"{level.errors} | {level.requests_per_s:.2f} | {number(level.scaling, 2)} | "
+            f"{level.tokens_per_s:.1f} | {number(level.p50_s, 2)} | {number(level.p95_s, 2)} | "
+            f"{level.answers_differing} |"
+        )
+    lines += ["", "HTTP cost (HTTP req/s over in-process req/s at the same client count):", ""]
+    lines += [
+        f"- {level.runtime}, {level.clients} clients: {number(level.http_cost, 3)}"
+        for level in levels
+        if level.mode == HTTP
+    ]
+    return "\n".join(lines)
+
+
+def chart(levels: list[Level], path: Path) -> None:
+    """Requests/s and p95 latency against clients, one line per runtime and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rate_axis, p95_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for runtime, mode in dict.fromkeys((level.runtime, level.mode) for level in levels):
+        line = [lv for lv in levels if (lv.runtime, lv.mode) == (runtime, mode)]
+        clients = [lv.clients for lv in line]
+        style = {
+            "marker": "o",
+            "linestyle": "-" if mode == HTTP else "--",
+            "label": f"{runtime} {mode}",
+        }
+        rate_axis.plot(clients, [lv.requests_per_s for lv in line], **style)
+        p95_axis.plot(clients, [np.nan if lv.p95_s is None else lv.p95_s for lv in line], **style)
+    for axis, title in ((rate_axis, "requests / s"), (p95_axis, "p95 latency (s)")):
+        axis.set_title(title)
+        axis.set_xlabel("concurrent clients")
+        axis.set_xticks(sorted({level.clients for level in levels}))
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def level_metrics(levels: list[Level]) -> dict[str, float]:
+    """`onnx.http.c8.requests_per_s`-style metrics, for the values a level has."""
+    keys = ("requests_per_s", "tokens_per_s", "p50_s", "p95_s", "scaling", "http_cost")
+    metrics = {}
+    for level in levels:
+        prefix = f"{level.runtime}.{level.mode}.c{level.clients}"
+        values = asdict(level)
+        metrics |= {f"{prefix}.{key}": values[key] for key in keys if values[key] is not None}
+        metrics[f"{prefix}.errors"] = level.errors
+        metrics[f"{prefix}.answers_differing"] = level.answers_differing
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--compute", default="cpu")
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--requests", type=int, default=16, help="per runtime, mode and clients")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--onnx-model-uri", help="serve this ONNX model, not the pipeline's")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    if 1 not in args.clients:
+        parser.error("--clients must include 1: scaling and answer checks compare against it")
+    clients_levels = sorted(set(args.clients))
+    models = bench_models(args.model, args.compute, args.out)
+    uris = {"onnx": args.onnx_model_uri or models.onnx_uri, "transformers": models.transformers_uri}
+    trials = []
+    for runtime in args.runtimes:
+        trials += measure_runtime(
+            runtime,
+            uris[runtime],
+            models.tracking_uri,
+            clients_levels,
+            args.requests,
+            args.max_tokens,
+            (args.out / f"serve-{runtime}.log").resolve(),
+        )
+    levels = summarize(trials)
+    report = provenance(vars(args)) | {
+        "model_uris": {runtime: uris[runtime] for runtime in args.runtimes},
+        "server": "mlflow models serve --env-manager local, 1 uvicorn worker",
+        "questions": list(QUESTIONS),
+        "levels": [asdict(level) for level in levels],
+    }
+    picture = args.out / "serving.png"
+    chart(levels, picture)
+    table = markdown(levels)
+    metrics = level_metrics(levels)
+    write_report("serving", report, table, args.out, models.tracking_uri, metrics, (picture,))
+
+
+if __name__ == "__main__":
+    main()
