@@ -92,9 +92,10 @@ def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
 
 
 def variant_label(variant: str) -> str:
-    """The name the wrap_onnx step gives the same build: `onnx-int4-k_quant_last`."""
+    """The name the wrap_onnx step gives the same build: `onnx-int4-k_quant_last` (option
+    values in the order of their names, as the build inputs sort them)."""
     precision, options = parse_variant(variant)
-    return "-".join(["onnx", precision, *options.values()])
+    return "-".join(["onnx", precision, *dict(sorted(options.items())).values()])
 
 
 def onnx_build(models: BenchModels, variant: str) -> Path:
