@@ -65,12 +65,22 @@ def wrap_variant(models: BenchModels, variant: str) -> str:
 def evaluate_runs(models: BenchModels, wrap_run_ids: list[str]) -> str:
     ids = ",".join(wrap_run_ids)
     evaluate.main(step_config(models, [f"evaluate.wrap_run_ids=[{ids}]"]))
-    return mlflow.last_active_run().info.run_id
+    # The last active run is evaluate's last nested genai-evaluate run, not the step's own.
+    (run,) = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        filter_string="tags.`pipeline.step` = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return run.info.run_id
 
 
 def compare(evaluate_run_id: str, labels: list[str], reference: str) -> list[Quality]:
-    items = mlflow.load_table("eval/items.json", run_ids=[evaluate_run_id])
-    metrics = mlflow.get_run(evaluate_run_id).data.metrics
+    run = mlflow.get_run(evaluate_run_id)
+    client = mlflow.MlflowClient()
+    items = client.load_table(run.info.experiment_id, "eval/items.json", [evaluate_run_id])
+    metrics = run.data.metrics
     right = {label: items[f"{label} correct"].astype(bool) for label in labels}
     answers = {label: items[f"{label} answer"] for label in labels}
     return [
