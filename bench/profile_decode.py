@@ -4,9 +4,11 @@
         [--new-tokens 64] [--threads N] [--out bench/results]
 
 Each build runs once with onnxruntime's own profiler on (the decoder session's
-`enable_profiling`): a prompt of --prompt-tokens, then exactly --new-tokens greedy tokens.
-The profile has one `model_run` per forward pass and one event per kernel; the first pass is
-the prompt (prefill) and is left out. Per decode token the table shows the wall time of the
+`enable_profiling`): a prompt of --prompt-tokens, then exactly --new-tokens greedy tokens, on
+every available core as the wrap_onnx model runs (--threads N sets a number; 0 leaves
+onnxruntime's own default, which ran a single thread on a 2-core VM). The profile has one
+`model_run` per forward pass and one event per kernel; the first pass is the prompt (prefill)
+and is left out. Per decode token the table shows the wall time of the
 whole `generate_next_token`, the time inside onnxruntime's session run, each op type's kernel
 time, and what is left: onnxruntime-genai's own work around the session run (copying logits,
 the greedy search over the vocabulary, growing the KV cache) plus Python.
@@ -29,6 +31,7 @@ import numpy as np
 
 from bench.models import bench_models, onnx_build, variant_label
 from bench.reporting import provenance, write_report
+from bench.runtimes import available_cores
 from bench.scaling import prompt_ids
 
 
@@ -48,8 +51,8 @@ def profile(
 
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as scratch:
         session: dict[str, object] = {"enable_profiling": str(Path(scratch) / "decode")}
-        if threads:
-            session["intra_op_num_threads"] = threads
+        if threads != 0:
+            session["intra_op_num_threads"] = threads or available_cores()
         config = og.Config(str(folder))
         config.clear_providers()
         config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
@@ -115,7 +118,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "int4"])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads (default: every available core; 0: onnxruntime's own default)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     models = bench_models(args.model, args.compute, args.out)

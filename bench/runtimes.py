@@ -70,11 +70,16 @@ class RuntimeSpec:
     label: str
     kind: str  # one of KINDS
     location: str  # model folder, GGUF file or model URI
-    threads: int | None = None  # None: the runtime's own default
+    threads: int | None = None  # None: every core this process may use
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown runtime kind {self.kind!r}; valid: {', '.join(KINDS)}")
+
+
+def available_cores() -> int:
+    """The default thread count of every raw runtime, as the wrap_onnx model counts it."""
+    return len(os.sched_getaffinity(0))
 
 
 class RawRuntime(Protocol):
@@ -119,8 +124,7 @@ class Transformers:
         import torch
         from transformers import AutoModelForCausalLM
 
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or available_cores())
         self._torch = torch
         self._model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
@@ -158,9 +162,9 @@ class OnnxGenai:
 
         config = og.Config(str(model_dir))
         config.clear_providers()
-        if threads:
-            session = {"intra_op_num_threads": threads}
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+        # Set always: onnxruntime's own default ran one thread on a 2-core VM.
+        session = {"intra_op_num_threads": threads or available_cores()}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
         self._og = og
         self._model = og.Model(config)
 
@@ -195,7 +199,7 @@ class LlamaCpp:
                 "llama.cpp is the benchmark's optional peer: pip install -e '.[bench]' "
                 "(llama-cpp-python compiles for several minutes), or leave out --llama-cpp"
             ) from None
-        threads = threads or os.cpu_count() or 1
+        threads = threads or available_cores()
         self._llm = Llama(
             model_path=str(gguf),
             n_ctx=self.CONTEXT,

@@ -146,6 +146,7 @@ def log_onnx_chat_model(cfg: PipelineConfig, folder: Path, name: str, tags: dict
             model_config={
                 "model_name": name,
                 "provider": cfg.compute.onnx_provider.value,
+                "intra_op_threads": cfg.compute.onnx_threads,
                 "generation": dataclasses.asdict(cfg.generation),
             },
             signature=chat_signature(),

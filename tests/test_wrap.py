@@ -145,6 +145,20 @@ def test_openai_request_options(onnx_model) -> None:
     assert [choice["index"] for choice in two["choices"]] == [0, 1]
 
 
+def test_the_thread_count_is_a_load_setting_that_keeps_the_answers(
+    wrapped: WrappedModels, onnx_model
+) -> None:
+    """The logged model counts the serving machine's cores at load time unless told a number
+    (compute.onnx_threads); greedy answers must not depend on it."""
+    logged = onnx_model.metadata.flavors["python_function"]["config"]
+    assert logged["intra_op_threads"] is None
+    one_thread = mlflow.pyfunc.load_model(wrapped.onnx_uri, model_config={"intra_op_threads": 1})
+    for prompt in PROMPTS:
+        request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 24}
+        alone = one_thread.predict(request)[0]["choices"][0]["message"]
+        assert alone == onnx_model.predict(request)[0]["choices"][0]["message"], prompt
+
+
 def test_concurrent_predicts_give_independent_correct_answers(onnx_model) -> None:
     requests = [{"messages": [{"role": "user", "content": p}], "max_tokens": 24} for p in PROMPTS]
     sequential = [onnx_model.predict(r)[0]["choices"][0]["message"] for r in requests]

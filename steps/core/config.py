@@ -156,6 +156,17 @@ class ComputeConfig:
     torch_dtype: TorchDtype = TorchDtype.float32
     onnx_provider: OnnxProvider = OnnxProvider.cpu
     onnx_precision: OnnxPrecision = OnnxPrecision.int4
+    # onnxruntime's intra-op threads for the ONNX model; null: every core the serving process
+    # may use, counted when the model loads (onnxruntime's own default ran one thread on a
+    # 2-core VM: bench/README.md).
+    onnx_threads: int | None = None
+
+    def validate(self) -> None:
+        if self.onnx_threads is not None and self.onnx_threads < 1:
+            raise ValueError(
+                f"compute.onnx_threads={self.onnx_threads} must be at least 1, or null for "
+                "every available core"
+            )
 
 
 @dataclass
@@ -264,6 +275,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        self.compute.validate()
         self.generation.validate()
         self.evaluate.validate()
         self.register.validate()
