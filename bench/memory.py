@@ -3,8 +3,9 @@
 Runtimes timed side by side share one process, so their memory cannot be told apart there.
 Here each runtime is opened in a new interpreter that imports only its own libraries, loads
 the model and generates once; the child reports its resident memory after the imports (the
-libraries' share) and its peak resident memory (`ru_maxrss`) after the generation. Linux only
-(/proc/self/status).
+libraries' share) and its peak resident memory after the generation (VmHWM: unlike
+`ru_maxrss`, which Linux carries over from the parent across fork and exec, it starts afresh
+with the new program). Linux only (/proc/self/status).
 
     python -m bench.memory '<json request>'   # the child; the harness calls peak_memory()
 """
@@ -12,15 +13,16 @@ libraries' share) and its peak resident memory (`ru_maxrss`) after the generatio
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from bench.runtimes import Messages, RuntimeSpec, open_raw, pyfunc
 
 LIBRARIES = {
     "transformers": ("torch", "transformers"),
+    "transformers-no_grad": ("torch", "transformers"),
     "onnx": ("onnxruntime_genai",),
     "llama.cpp": ("llama_cpp",),
     "pyfunc": ("mlflow",),
@@ -53,26 +55,25 @@ def peak_memory(
     return Memory(**json.loads(child.stdout.splitlines()[-1]))
 
 
-def _resident_mb() -> float:
-    for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115 (one read)
-        if line.startswith("VmRSS:"):
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status: memory is measured on Linux only")
+    raise RuntimeError(f"no {field} in /proc/self/status: memory is measured on Linux only")
 
 
 def _child(request: dict) -> Memory:
     spec = RuntimeSpec(**request["spec"])
     for library in LIBRARIES[spec.kind]:
         __import__(library)
-    libraries = _resident_mb()
+    libraries = _status_mb("VmRSS")
     if spec.kind.startswith("pyfunc"):
         pyfunc(spec.location, stream=spec.kind == "pyfunc-stream")(
             request["messages"], request["new_tokens"]
         )
     else:
         open_raw(spec).generate(request["ids"], request["new_tokens"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return Memory(libraries, peak)
+    return Memory(libraries, _status_mb("VmHWM"))
 
 
 if __name__ == "__main__":

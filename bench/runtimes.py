@@ -8,7 +8,8 @@ part, by the transformers tokenizer of the fetched snapshot, so every raw runtim
 very same ids (llama.cpp included: the GGUF carries the same vocabulary). `ignore_eos=True`
 forces exactly `new_tokens` new tokens, for the prompt- and generation-length curves.
 
-- transformers: `model.generate` with a streamer that timestamps each token;
+- transformers: `model.generate` with a streamer that timestamps each token, under
+  `torch.inference_mode` (kind `transformers-no_grad`: under `torch.no_grad`, as a pipeline);
 - onnxruntime-genai: an `og.Generator` loop, timed around its first token;
 - llama.cpp (llama-cpp-python, the `bench` extra): `Llama.generate` on the bundled GGUF, with
   its KV cache reset before every run so no prompt prefix is reused between repetitions;
@@ -30,7 +31,7 @@ from typing import Protocol
 import numpy as np
 
 Messages = list[dict[str, str]]
-KINDS = ("transformers", "onnx", "llama.cpp", "pyfunc", "pyfunc-stream")
+KINDS = ("transformers", "transformers-no_grad", "onnx", "llama.cpp", "pyfunc", "pyfunc-stream")
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,14 @@ def open_runner(spec: RuntimeSpec, chat_ids: Callable[[Messages], list[int]]) ->
 
 
 def open_raw(spec: RuntimeSpec) -> RawRuntime:
-    opened = {"transformers": Transformers, "onnx": OnnxGenai, "llama.cpp": LlamaCpp}
-    if spec.kind not in opened:
-        raise ValueError(f"{spec.label}: a {spec.kind} runtime takes chat messages, not ids")
-    return opened[spec.kind](Path(spec.location), spec.threads)
+    location = Path(spec.location)
+    if spec.kind.startswith("transformers"):
+        return Transformers(location, spec.threads, inference_mode=spec.kind == "transformers")
+    if spec.kind == "onnx":
+        return OnnxGenai(location, spec.threads)
+    if spec.kind == "llama.cpp":
+        return LlamaCpp(location, spec.threads)
+    raise ValueError(f"{spec.label}: a {spec.kind} runtime takes chat messages, not ids")
 
 
 def chat_template_ids(model_dir: Path) -> Callable[[Messages], list[int]]:
@@ -120,10 +125,14 @@ def chat_template_ids(model_dir: Path) -> Callable[[Messages], list[int]]:
 
 
 class Transformers:
-    def __init__(self, model_dir: Path, threads: int | None) -> None:
+    """`inference_mode=False` runs generate under `torch.no_grad` only, as transformers'
+    pipelines (and so MLflow's transformers flavor) run it."""
+
+    def __init__(self, model_dir: Path, threads: int | None, inference_mode: bool = True) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
+        self._grad_mode = torch.inference_mode if inference_mode else torch.no_grad
         torch.set_num_threads(threads or available_cores())
         self._torch = torch
         self._model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -142,7 +151,7 @@ class Transformers:
                 pass
 
         started = time.perf_counter()
-        with torch.inference_mode():
+        with self._grad_mode():
             output = self._model.generate(
                 torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
