@@ -132,14 +132,15 @@ def chart(points: list[Point], prompt_lengths: list[int], generated: list[int], 
     at = {(p.runtime, p.prompt_tokens, p.generated_tokens): p for p in points}
     figure, (ttft, by_prompt, by_answer) = plt.subplots(1, 3, figsize=(16, 4.8))
     middle = generated[len(generated) // 2]
-    for runtime in runtimes:
+    for index, runtime in enumerate(runtimes):
+        color = f"C{index}"  # one color per runtime in every panel
         ttft.plot(prompt_lengths, [at[runtime, n, generated[0]].ttft_s for n in prompt_lengths],
-                  marker="o", label=runtime)  # fmt: skip
+                  marker="o", color=color, label=runtime)  # fmt: skip
         by_prompt.plot(
             prompt_lengths,
             [at[runtime, n, middle].decode_tokens_per_s for n in prompt_lengths],
             marker="o",
-            label=runtime,
+            color=color,
         )
         for n, style in ((prompt_lengths[0], "-"), (prompt_lengths[-1], "--")):
             by_answer.plot(
@@ -147,17 +148,20 @@ def chart(points: list[Point], prompt_lengths: list[int], generated: list[int], 
                 [at[runtime, n, g].decode_tokens_per_s for g in generated],
                 style,
                 marker="o",
-                label=f"{runtime}, prompt {n}",
+                color=color,
             )
     ttft.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="seconds",
              title="time to first token")  # fmt: skip
     by_prompt.set(xscale="log", xlabel="prompt tokens", ylabel="tokens/s",
                   title=f"decode rate, {middle} new tokens")  # fmt: skip
-    by_answer.set(xlabel="new tokens", ylabel="tokens/s", title="decode rate by answer length")
+    by_answer.set(
+        xlabel="new tokens",
+        ylabel="tokens/s",
+        title=f"decode rate: prompt {prompt_lengths[0]} (solid), {prompt_lengths[-1]} (dashed)",
+    )
     for axes in (ttft, by_prompt, by_answer):
         axes.grid(alpha=0.3)
     ttft.legend(fontsize=8)
-    by_answer.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
