@@ -3,7 +3,7 @@ ways side by side: over HTTP by a real `mlflow models serve` process, and in-pro
 `mlflow.pyfunc.load_model(...).predict`.
 
     python -m bench.serving [--model smollm2-135m] [--compute cpu] [--runtimes onnx transformers]
-        [--clients 1 4 8] [--requests 16] [--max-tokens 32] [--onnx-model-uri URI]
+        [--clients 1 4 8] [--requests 48] [--max-tokens 32] [--onnx-model-uri URI]
         [--out bench/results]
 
 Models: the pipeline's wrap_transformers and wrap_onnx models in the bench's tracking store
@@ -355,7 +355,7 @@ def main() -> None:
     parser.add_argument("--compute", default="cpu")
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
-    parser.add_argument("--requests", type=int, default=16, help="per runtime, mode and clients")
+    parser.add_argument("--requests", type=int, default=48, help="per runtime, mode and clients")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--onnx-model-uri", help="serve this ONNX model, not the pipeline's")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
