@@ -19,7 +19,7 @@ sending a question to receiving its whole answer) and how many answers differ fr
 ones.
 
     source .venv/bin/activate
-    python bench/concurrent_generation.py --model-dir <folder with genai_config.json> \\
+    python -m bench.concurrent_generation --model-dir <folder with genai_config.json> \\
         [--clients 8] [--requests 16] [--max-new-tokens 64] [--repeat 1] \\
         [--intra-op-threads N] [--engine-max-batch-sizes 8 16] [--json results.json]
 """
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
+from bench.runtimes import available_cores
 from steps.core.onnx_chat_model import EngineLoop, Finished, Options
 
 QUESTIONS = (
@@ -232,7 +233,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per mode")
     parser.add_argument(
-        "--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)"
+        "--intra-op-threads",
+        type=int,
+        default=available_cores(),
+        help="ONNX Runtime intra-op threads (default: every available core, as the pyfunc "
+        "model; 0: onnxruntime's own default, one thread on a 2-core VM)",
     )
     parser.add_argument(
         "--engine-max-batch-sizes",
