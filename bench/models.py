@@ -11,6 +11,7 @@ names, e.g. `int4:algo_config=k_quant_last` or `int8:block_size=128`.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,15 @@ class BenchModels:
         return precision + (
             ":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""
         )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: which model on which target, and where it writes."""
+    parser.add_argument("--model", default="smollm2-135m", help="model variant (conf/model)")
+    parser.add_argument("--compute", default="cpu", help="compute target (conf/compute)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_STORE, help="results and the bench's tracking store"
+    )
 
 
 def tracking_uri(store: Path) -> str:

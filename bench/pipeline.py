@@ -38,7 +38,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from bench.models import tracking_uri
+from bench.models import add_model_arguments, tracking_uri
 from bench.reporting import provenance, write_report
 from steps.core.provenance import PROJECT_ROOT
 
@@ -155,13 +155,11 @@ def markdown(timings: list[Timing]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument(
         "--cold-cache", action="store_true", help="an empty XDG_CACHE_HOME for the runs"
     )
     parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     run = invocation(folder, args.model, args.compute, args.cold_cache)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.models import bench_models, onnx_build, variant_label
+from bench.models import add_model_arguments, bench_models, onnx_build, variant_label
 from bench.reporting import provenance, write_report
 from bench.runtimes import available_cores
 from bench.scaling import prompt_ids
@@ -113,8 +113,7 @@ def markdown(profiles: list[DecodeProfile], top: int = 6) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "int4"])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -123,7 +122,6 @@ def main() -> None:
         type=int,
         help="intra-op threads (default: every available core; 0: onnxruntime's own default)",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     models = bench_models(args.model, args.compute, args.out)
     ids = prompt_ids(models.snapshot_dir, args.prompt_tokens)

@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import mlflow
 
-from bench.models import EXPERIMENT, BenchModels, bench_models, parse_variant, variant_label
+from bench.models import (
+    EXPERIMENT,
+    BenchModels,
+    add_model_arguments,
+    bench_models,
+    parse_variant,
+    variant_label,
+)
 from bench.reporting import provenance, write_report
 from steps import evaluate, wrap_onnx
 from steps.core.config import compose_config
@@ -116,15 +122,13 @@ def markdown(results: list[Quality], reference: str, evaluate_run_id: str) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument(
         "--variants",
         nargs="+",
         default=["fp32", "int8", "int4", "int4:algo_config=k_quant_last"],
         help="ONNX builds to evaluate; the first is the reference",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     models = bench_models(args.model, args.compute, args.out)
     client = mlflow.MlflowClient()

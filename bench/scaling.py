@@ -23,7 +23,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.models import bench_models, onnx_build, variant_label
+from bench.models import add_model_arguments, bench_models, onnx_build, variant_label
 from bench.reporting import provenance, write_report
 from bench.runtimes import RawRuntime, RuntimeSpec, Sample, open_raw
 
@@ -169,15 +169,13 @@ def chart(points: list[Point], prompt_lengths: list[int], generated: list[int], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[16, 128, 512, 1024])
     parser.add_argument("--generation-lengths", nargs="+", type=int, default=[32, 128, 256])
     parser.add_argument("--variants", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, help="intra-op threads for every runtime")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if args.llama_cpp is None:
         args.llama_cpp = importlib.util.find_spec("llama_cpp") is not None

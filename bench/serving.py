@@ -45,7 +45,7 @@ import numpy as np
 import requests
 from mlflow.exceptions import MlflowException
 
-from bench.models import bench_models
+from bench.models import add_model_arguments, bench_models
 from bench.reporting import provenance, write_report
 from tests.servers import clean_env, free_port, running
 
@@ -351,14 +351,12 @@ def level_metrics(levels: list[Level]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--requests", type=int, default=48, help="per runtime, mode and clients")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--onnx-model-uri", help="serve this ONNX model, not the pipeline's")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if 1 not in args.clients:
         parser.error("--clients must include 1: scaling and answer checks compare against it")

@@ -22,7 +22,6 @@ import importlib.util
 import os
 import statistics
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from bench.bandwidth import read_bandwidth
 from bench.decode_bytes import (
@@ -32,7 +31,7 @@ from bench.decode_bytes import (
     safetensors_decode_bytes,
 )
 from bench.memory import Memory, peak_memory
-from bench.models import BenchModels, bench_models, onnx_build, variant_label
+from bench.models import BenchModels, add_model_arguments, bench_models, onnx_build, variant_label
 from bench.reporting import provenance, write_report
 from bench.runtimes import RuntimeSpec, Sample, chat_template_ids, open_runner
 
@@ -199,8 +198,7 @@ def overhead_lines(results: list[Result]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument(
@@ -209,7 +207,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="intra-op threads for every raw runtime")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if args.llama_cpp is None:
         args.llama_cpp = importlib.util.find_spec("llama_cpp") is not None

@@ -94,5 +94,5 @@ def test_variants_are_named_as_the_wrap_step_names_them() -> None:
     assert variant_label("fp32") == "onnx-fp32"
     with pytest.raises(SystemExit, match="option=value"):
         parse_variant("int4:k_quant_last")
-    with pytest.raises(ValueError, match="valid: transformers, onnx"):
+    with pytest.raises(ValueError, match="unknown runtime kind 'vllm'; valid: transformers"):
         RuntimeSpec("x", "vllm", "/nowhere")
