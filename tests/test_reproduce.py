@@ -45,8 +45,20 @@ def _resolved(*overrides: str) -> dict:
 def test_overrides_compose_the_recorded_config_again(overrides: tuple[str, ...]) -> None:
     recorded = _resolved(*overrides)
     model, compute = recorded["model"]["name"], recorded["compute"]["name"]
-    rebuilt = config_overrides(recorded, default_config(model, compute))
+    rebuilt = config_overrides(recorded, *default_config(model, compute))
     assert _resolved(f"model={model}", f"compute={compute}", *rebuilt) == recorded
+
+
+def test_a_run_from_before_a_schema_field_existed_is_not_asked_to_remove_it() -> None:
+    """At the run's commit the field does not exist, so `~field` would fail there; a removed
+    entry of a free dict is still removed."""
+    recorded = _resolved("model=phi3-mini-4k")
+    del recorded["compute"]["onnx_threads"]  # added after such runs were recorded
+    del recorded["model"]["prebuilt_onnx"]["cuda"]  # an entry, not a field
+    defaults, schema = default_config("phi3-mini-4k", "cpu")
+    rebuilt = config_overrides(recorded, defaults, schema)
+    assert "~model.prebuilt_onnx.cuda" in rebuilt
+    assert not any("onnx_threads" in override for override in rebuilt)
 
 
 def test_command_names_commit_entry_point_and_config(compose, tracking_uri) -> None:

@@ -14,10 +14,12 @@ command names the one the run was read from) and the snapshot cache (XDG_CACHE_H
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,24 +64,48 @@ def hydra_value(value: Any) -> str:
     raise TypeError(f"no Hydra override syntax for {type(value).__name__}: {value!r}")
 
 
-def config_overrides(recorded: dict, defaults: dict, prefix: str = "") -> list[str]:
-    """Hydra overrides that turn `defaults` into `recorded` (both plain nested dicts)."""
+def config_overrides(
+    recorded: dict, defaults: dict, schema: frozenset[str] = frozenset(), prefix: str = ""
+) -> list[str]:
+    """Hydra overrides that turn `defaults` into `recorded` (both plain nested dicts).
+
+    A schema field (a path in `schema`) that the recorded config lacks is left alone rather
+    than removed: no override can remove one, so the run was made by code from before the
+    field existed, and at its commit the field does not exist either."""
     overrides = []
     for key, value in recorded.items():
         path = f"{prefix}{key}"
         if key not in defaults:
             overrides.append(f"+{path}={hydra_value(value)}")
         elif isinstance(value, dict) and isinstance(defaults[key], dict):
-            overrides += config_overrides(value, defaults[key], f"{path}.")
+            overrides += config_overrides(value, defaults[key], schema, f"{path}.")
         elif value != defaults[key]:
             overrides.append(f"{path}={hydra_value(value)}")
-    overrides += [f"~{prefix}{key}" for key in defaults if key not in recorded]
+    removed = [f"{prefix}{key}" for key in defaults if key not in recorded]
+    overrides += [f"~{path}" for path in removed if path not in schema]
     return overrides
 
 
-def default_config(model: str, compute: str) -> dict:
+def default_config(model: str, compute: str) -> tuple[dict, frozenset[str]]:
+    """The defaults of a model and compute choice, and the paths of their schema fields."""
     cfg = compose_config([f"model={model}", f"compute={compute}"])
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    values = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    return values, frozenset(_schema_fields(cfg))
+
+
+def _schema_fields(node: Any, prefix: str = "") -> Iterator[str]:
+    """Dataclass fields, nested ones included (also inside dicts of dataclasses, such as
+    model.prebuilt_onnx.<target>); the keys of free dicts are not fields."""
+    for item in dataclasses.fields(node):
+        path = f"{prefix}{item.name}"
+        yield path
+        value = getattr(node, item.name)
+        if dataclasses.is_dataclass(value):
+            yield from _schema_fields(value, f"{path}.")
+        elif isinstance(value, dict):
+            for key, entry in value.items():
+                if dataclasses.is_dataclass(entry):
+                    yield from _schema_fields(entry, f"{path}.{key}.")
 
 
 def reproduce_command(
@@ -101,7 +127,7 @@ def reproduce_command(
     if not repo:
         raise PipelineError(f"run {run.info.run_id} records no repository: pass --repo URI")
     model, compute = recorded_config["model"]["name"], recorded_config["compute"]["name"]
-    overrides = config_overrides(recorded_config, default_config(model, compute))
+    overrides = config_overrides(recorded_config, *default_config(model, compute))
     warnings = []
     if tags.get("git.dirty") != "false":
         warnings.append(
