@@ -60,6 +60,7 @@ class Result:
     decode_spread: tuple[float, float] | None  # min, max over the repetitions
     end_to_end_tokens_per_s: float
     end_to_end_spread: tuple[float, float]
+    total_s: float  # end-to-end latency of the whole request, median
     memory: Memory | None
 
     @property
@@ -137,6 +138,7 @@ def summarize(timed: Timed, samples: list[Sample], memory: Memory | None) -> Res
         decode_spread=(min(decode), max(decode)) if decode else None,
         end_to_end_tokens_per_s=statistics.median(end_to_end),
         end_to_end_spread=(min(end_to_end), max(end_to_end)),
+        total_s=statistics.median(s.total_s for s in samples),
         memory=memory,
     )
 
@@ -152,9 +154,9 @@ def markdown(results: list[Result], bandwidth: float) -> str:
         "reads (weights at their stored precision, one embedding row, the KV cache so far).",
         "",
         "| runtime | prompt | new | TTFT s | prefill tok/s | decode tok/s (min-max) | "
-        f"end-to-end tok/s | x {REFERENCE} | x {PEER} | MB read / step | bound tok/s | "
+        f"total s | end-to-end tok/s | x {REFERENCE} | x {PEER} | MB read / step | bound tok/s | "
         "decode / bound | peak MB (model) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         bound = bandwidth / r.decode_bytes
@@ -170,7 +172,7 @@ def markdown(results: list[Result], bandwidth: float) -> str:
         lines.append(
             f"| {r.runtime} | {r.prompt_tokens} | {r.new_tokens} | {_number(r.ttft_s, 3)} | "
             f"{_number(r.prefill_tokens_per_s, 0)} | {_number(r.decode_tokens_per_s)} {spread} | "
-            f"{r.end_to_end_tokens_per_s:.1f} | {ratios[0]} | {ratios[1]} | "
+            f"{r.total_s:.2f} | {r.end_to_end_tokens_per_s:.1f} | {ratios[0]} | {ratios[1]} | "
             f"{r.decode_bytes / 1e6:.1f} | {bound:.1f} | "
             f"{'-' if fraction is None else f'{fraction:.0%}'} | {memory} |"
         )
