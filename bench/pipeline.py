@@ -20,8 +20,9 @@ SQLite store MLflow puts the runs' artifacts under ./mlruns of the current direc
 Each run's output streams to cold.log / warm.log in the temp folder. On success the temp folder
 is removed; if a run fails, its log's tail is printed and the folder is kept. --dry-run prints
 the command, its working directory and the environment changes, and runs nothing. Results:
---out/pipeline.json and --out/pipeline.md (also printed), and a run `bench-pipeline` in the
-bench's own tracking store.
+--out/pipeline.json and --out/pipeline.md (also printed; pipeline-cold-cache.* with
+--cold-cache), and a run `bench-pipeline` (`bench-pipeline-cold-cache`) in the bench's own
+tracking store.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def main() -> None:
     }
     metrics = {f"{t.name}_wall_s": t.wall_s for t in timings}
     metrics["warm_over_cold"] = report["warm_over_cold"]
-    write_report("pipeline", report, markdown(timings), args.out, tracking_uri(args.out), metrics)
+    name = "pipeline-cold-cache" if args.cold_cache else "pipeline"
+    write_report(name, report, markdown(timings), args.out, tracking_uri(args.out), metrics)
     shutil.rmtree(folder)
 
 
