@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +46,7 @@ from mlflow.exceptions import MlflowException
 
 from bench.models import add_model_arguments, bench_models
 from bench.reporting import provenance, write_report
-from tests.servers import clean_env, free_port, running
+from tests.servers import model_server
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -200,15 +199,8 @@ def measure_runtime(
     """Both modes of one runtime, interleaved client count by client count, so slow drift of
     the machine hits them alike. The served process and the in-process model stay loaded
     throughout; the idle one costs no CPU."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    env = clean_env(MLFLOW_TRACKING_URI=tracking_uri)
-    print(f"{runtime}: starting {' '.join(command[1:])} (log {log})", flush=True)
-    with running(command, env, f"{url}/ping", log):
+    print(f"{runtime}: serving {model_uri} with mlflow models serve (log {log})", flush=True)
+    with model_server(model_uri, tracking_uri, log) as url:
         senders = {
             HTTP: http_sender(url, max_tokens),
             IN_PROCESS: in_process_sender(mlflow.pyfunc.load_model(model_uri), max_tokens),
