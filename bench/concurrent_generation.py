@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from bench.runtimes import available_cores
+from bench.runtimes import available_cores, onnx_config
 from steps.core.onnx_chat_model import EngineLoop, Finished, Options
 
 QUESTIONS = (
@@ -86,11 +86,8 @@ class Row:
 
 
 def load_model(folder: str, intra_op_threads: int, engine_max_batch: int | None) -> og.Model:
-    config = og.Config(folder)
-    config.clear_providers()
-    if intra_op_threads:
-        session = {"intra_op_num_threads": intra_op_threads}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    session = {"intra_op_num_threads": intra_op_threads} if intra_op_threads else {}
+    config = onnx_config(Path(folder), session)
     if engine_max_batch:
         batching = {"max_batch_size": engine_max_batch}
         config.overlay(json.dumps({"engine": {"static_batching": batching}}))

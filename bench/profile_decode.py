@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.models import add_model_arguments, bench_models, onnx_build, variant_label
 from bench.reporting import provenance, write_report
-from bench.runtimes import available_cores
+from bench.runtimes import available_cores, onnx_config
 from bench.scaling import prompt_ids
 
 
@@ -53,10 +53,7 @@ def profile(
         session: dict[str, object] = {"enable_profiling": str(Path(scratch) / "decode")}
         if threads != 0:
             session["intra_op_num_threads"] = threads or available_cores()
-        config = og.Config(str(folder))
-        config.clear_providers()
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-        model = og.Model(config)
+        model = og.Model(onnx_config(folder, session))
         params = og.GeneratorParams(model)
         length = len(ids) + new_tokens
         params.set_search_options(max_length=length, min_length=length, do_sample=False)

@@ -20,6 +20,7 @@ forces exactly `new_tokens` new tokens, for the prompt- and generation-length cu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -81,6 +82,27 @@ class RuntimeSpec:
 def available_cores() -> int:
     """The default thread count of every raw runtime, as the wrap_onnx model counts it."""
     return len(os.sched_getaffinity(0))
+
+
+def llama_cpp_wanted(asked: bool | None) -> bool:
+    """--llama-cpp / --no-llama-cpp, or, when neither is given, whether the `bench` extra that
+    installs llama-cpp-python is there."""
+    if asked is not None:
+        return asked
+    installed = importlib.util.find_spec("llama_cpp") is not None
+    if not installed:
+        print("llama-cpp-python is not installed (pip install -e '.[bench]'): no llama.cpp row")
+    return installed
+
+
+def onnx_config(folder: Path, session_options: dict[str, object]):
+    """An `og.Config` of an ONNX build on the CPU provider, with these decoder session options."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
+    return config
 
 
 class RawRuntime(Protocol):
@@ -169,13 +191,10 @@ class OnnxGenai:
     def __init__(self, model_dir: Path, threads: int | None) -> None:
         import onnxruntime_genai as og
 
-        config = og.Config(str(model_dir))
-        config.clear_providers()
         # Set always: onnxruntime's own default ran one thread on a 2-core VM.
         session = {"intra_op_num_threads": threads or available_cores()}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
         self._og = og
-        self._model = og.Model(config)
+        self._model = og.Model(onnx_config(model_dir, session))
 
     def generate(self, ids: list[int], new_tokens: int, ignore_eos: bool = False) -> Sample:
         og = self._og

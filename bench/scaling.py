@@ -18,14 +18,13 @@ rate per prompt x generation length) and --out/scaling.png, also logged as a run
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.models import add_model_arguments, bench_models, onnx_build, variant_label
 from bench.reporting import provenance, write_report
-from bench.runtimes import RawRuntime, RuntimeSpec, Sample, open_raw
+from bench.runtimes import RawRuntime, RuntimeSpec, Sample, llama_cpp_wanted, open_raw
 
 # Long enough for the longest prompt once tokenized; its content does not change the timing.
 TEXT = (
@@ -177,8 +176,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="intra-op threads for every runtime")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args()
-    if args.llama_cpp is None:
-        args.llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    args.llama_cpp = llama_cpp_wanted(args.llama_cpp)
     prompt_lengths, generated = sorted(args.prompt_lengths), sorted(args.generation_lengths)
     models = bench_models(args.model, args.compute, args.out)
     specs = [RuntimeSpec("transformers", "transformers", str(models.snapshot_dir), args.threads)]

@@ -18,7 +18,6 @@ bench's tracking store (bench/models.py).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 from dataclasses import asdict, dataclass
@@ -33,7 +32,13 @@ from bench.decode_bytes import (
 from bench.memory import Memory, peak_memory
 from bench.models import BenchModels, add_model_arguments, bench_models, onnx_build, variant_label
 from bench.reporting import provenance, write_report
-from bench.runtimes import RuntimeSpec, Sample, chat_template_ids, open_runner
+from bench.runtimes import (
+    RuntimeSpec,
+    Sample,
+    chat_template_ids,
+    llama_cpp_wanted,
+    open_runner,
+)
 
 # A request that asks for a long answer, so that greedy decoding runs to --new-tokens.
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -210,10 +215,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    if args.llama_cpp is None:
-        args.llama_cpp = importlib.util.find_spec("llama_cpp") is not None
-        if not args.llama_cpp:
-            print("llama-cpp-python is not installed (pip install -e '.[bench]'): no llama.cpp row")
+    args.llama_cpp = llama_cpp_wanted(args.llama_cpp)
     models = bench_models(args.model, args.compute, args.out)
     timed = runtimes(models, args.variants, args.threads, args.llama_cpp)
     chat_ids = chat_template_ids(models.snapshot_dir)
