@@ -60,20 +60,25 @@ def tracking_uri(store: Path) -> str:
     return f"sqlite:///{(store / 'mlflow.db').resolve()}"
 
 
-def bench_models(
-    model: str, compute: str, store: Path = DEFAULT_STORE, overrides: tuple[str, ...] = ()
-) -> BenchModels:
-    store.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri(store)
-    tracking = [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", *overrides]
-    cfg = compose_config(
+def bench_config(model: str, compute: str, store_uri: str, *overrides: str) -> PipelineConfig:
+    """The pipeline config of a step run into the bench's tracking store."""
+    return compose_config(
         [
             f"model={model}",
             f"compute={compute}",
-            *tracking,
-            "main.steps=[fetch,wrap_transformers,wrap_onnx]",
+            f"tracking.uri={store_uri}",
+            f"tracking.experiment={EXPERIMENT}",
+            *overrides,
         ]
     )
+
+
+def bench_models(model: str, compute: str, store: Path = DEFAULT_STORE) -> BenchModels:
+    store.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(store)
+    cfg = bench_config(model, compute, uri, "main.steps=[fetch,wrap_transformers,wrap_onnx]")
+    # What main hands on to its child runs, so they record into the same store.
+    tracking = [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}"]
     pipeline.main(cfg, tracking)
     parent = mlflow.last_active_run()
     tags = parent.data.tags

@@ -64,7 +64,7 @@ class Timing:
 
 
 def invocation(folder: Path, model: str, compute: str, cold_cache: bool) -> Invocation:
-    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    store = tracking_uri(folder)
     command = [
         sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local",
         "-e", "main", "-P", f"model={model}", "-P", f"compute={compute}",
@@ -75,12 +75,12 @@ def invocation(folder: Path, model: str, compute: str, cold_cache: bool) -> Invo
     env |= {
         # `mlflow run --env-manager local` resolves `python` from PATH: this interpreter's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_TRACKING_URI": store,
         "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
     }
     if cold_cache:
         env["XDG_CACHE_HOME"] = str(folder / "cache")
-    return Invocation(command, folder, env, tracking_uri)
+    return Invocation(command, folder, env, store)
 
 
 def describe(run: Invocation) -> str:

@@ -26,13 +26,14 @@ from bench.models import (
     EXPERIMENT,
     BenchModels,
     add_model_arguments,
+    bench_config,
     bench_models,
     parse_variant,
     variant_label,
 )
 from bench.reporting import provenance, write_report
 from steps import evaluate, wrap_onnx
-from steps.core.config import compose_config
+from steps.core.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,9 @@ class Quality:
     tokens_per_s: float
 
 
-def step_config(models: BenchModels, overrides: list[str]):
-    return compose_config(
-        [
-            f"model={models.cfg.model.name}",
-            f"compute={models.cfg.compute.name}",
-            f"tracking.uri={models.tracking_uri}",
-            f"tracking.experiment={EXPERIMENT}",
-            *overrides,
-        ]
+def step_config(models: BenchModels, overrides: list[str]) -> PipelineConfig:
+    return bench_config(
+        models.cfg.model.name, models.cfg.compute.name, models.tracking_uri, *overrides
     )
 
 

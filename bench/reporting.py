@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,11 +28,6 @@ def provenance(settings: dict[str, object]) -> dict[str, object]:
         "versions": package_versions(),
         "settings": {k: str(v) for k, v in settings.items()},
     }
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Median and range of repeated measurements."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def write_report(
