@@ -2,13 +2,15 @@
 #   make run    create .venv, install the project, run the whole pipeline (`mlflow run .`, entry
 #               point main) on the bundled default model
 #   make test   create .venv if needed, then ruff and the whole test suite
+# Base images for Kubernetes (deploy/Dockerfile; needs docker):
+#   make image-cpu, make image-cuda   build llm-to-mlflow-base:<flavor>-<hash of the pins>
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # `mlflow run` reads the experiment from here; steps started without it use tracking.experiment.
 export MLFLOW_EXPERIMENT_NAME ?= llm-to-mlflow
 
-.PHONY: install run test
+.PHONY: install run test image-cpu image-cuda
 
 # pip (not uv) so that torch==2.13.0 resolves to the local CPU wheel.
 $(BIN)/.installed: pyproject.toml
@@ -22,6 +24,11 @@ run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local
 
 test: install
-	$(BIN)/ruff check steps tests bench
-	$(BIN)/ruff format --check steps tests bench
+	$(BIN)/ruff check steps tests bench deploy
+	$(BIN)/ruff format --check steps tests bench deploy
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# The tag hashes the Dockerfile and the flavor's pins, so a changed pin never reuses a tag.
+image-cpu image-cuda: image-%: install
+	docker build -f deploy/Dockerfile --build-arg FLAVOR=$* \
+		-t "$$($(BIN)/python deploy/images.py tag $*)" .

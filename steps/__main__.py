@@ -4,6 +4,9 @@
 
     python -m steps reproduce RUN_ID     (prints the command that reruns a recorded run)
 
+    python -m steps render_job ENTRY_POINT --compute k8s-cpu
+                                         (prints the Kubernetes Job MLflow would submit)
+
 It turns MLproject parameters into Hydra overrides (`mlflow run` shell-quotes `overrides` into
 one argument, so it is split here with shlex), composes and validates the config once, and calls
 the step's `main(cfg)`. Pipeline errors end as one line on stderr and a non-zero exit code.
@@ -19,6 +22,7 @@ import sys
 
 from steps.core.config import compose_config
 from steps.core.errors import ConfigError, PipelineError
+from steps.core.kubernetes_backend import unquote_args
 
 ENTRY_POINTS = {
     "fetch": "steps.fetch",
@@ -44,9 +48,13 @@ def hydra_overrides(model: str | None, compute: str | None, overrides: str) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = unquote_args(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["reproduce"]:
         from steps.core.reproduction import cli
+
+        return cli(argv[1:])
+    if argv[:1] == ["render_job"]:
+        from steps.core.kubernetes_backend import cli
 
         return cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m steps", description=__doc__.split("\n\n")[0])

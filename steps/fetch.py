@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: PipelineConfig) -> FetchOutcome:
     store = SnapshotStore.open(cfg.fetch.cache_dir)
-    return fetch_snapshot(cfg.model, cfg.compute.name, cfg.fetch.artifact, store)
+    return fetch_snapshot(cfg.model, cfg.compute.target, cfg.fetch.artifact, store)
 
 
 def main(cfg: PipelineConfig) -> None:

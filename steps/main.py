@@ -8,6 +8,12 @@ which includes the upstream run ids. Reuse is decided here, in the parent, with 
 step, before any child process starts. `main.rerun=true` reruns everything; `main.steps` runs a
 subset (the others resolve to their latest runs, as when a step is run alone).
 
+Where the steps run is compute.backend: child processes here (local), or one Kubernetes Job per
+step through MLflow's Kubernetes backend (compute=k8s-cpu, k8s-cuda), checked before the first
+step. wrap_transformers and wrap_onnx need only fetch's run, so they are submitted together and
+waited for before evaluate where each gets its own machine (kubernetes), or where
+main.parallel=true asks for it locally.
+
 Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, `main.model_uri.<runtime>`,
 `main.registered` (name, version and alias).
 """
@@ -23,11 +29,13 @@ import time
 import mlflow
 import mlflow.projects
 from mlflow import MlflowClient
-from mlflow.projects import ExecutionException
+from mlflow.projects import ExecutionException, SubmittedRun
 from omegaconf import DictConfig, OmegaConf
 
+from steps.core import kubernetes_backend
 from steps.core.config import (
     STEP_ORDER,
+    Backend,
     FetchArtifact,
     MainConfig,
     OnnxSource,
@@ -35,10 +43,19 @@ from steps.core.config import (
     to_typed,
 )
 from steps.core.errors import PipelineError
-from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state
-from steps.core.tracking import check_tracking_server, resolved_config_yaml, step_run
+from steps.core.kubernetes_backend import KubernetesTarget
+from steps.core.provenance import PROJECT_ROOT, checkout_env, git_diff_sha256, git_state
+from steps.core.tracking import (
+    check_tracking_server,
+    resolved_config_yaml,
+    step_run,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
+
+# Steps that depend on fetch alone, so they may run at the same time.
+CONCURRENT_STEPS = ("wrap_transformers", "wrap_onnx")
 
 
 def upstream_settings(step: str, upstream: dict[str, str]) -> dict[str, str | list[str]]:
@@ -115,59 +132,125 @@ def reusable_run(step: str, config_sha256: str, experiment_id: str) -> str | Non
     return runs[0].info.run_id if runs else None
 
 
-def run_child(
-    step: str, cfg: PipelineConfig, overrides: list[str], experiment_id: str, parent_id: str
-) -> str:
+def step_batches(steps: list[str], parallel: bool) -> list[list[str]]:
+    """The steps in order, grouped into what runs at the same time."""
+    batches: list[list[str]] = []
+    for step in steps:
+        if parallel and step in CONCURRENT_STEPS and batches and batches[-1][0] in CONCURRENT_STEPS:
+            batches[-1].append(step)
+        else:
+            batches.append([step])
+    return batches
+
+
+def submit_child(
+    step: str,
+    cfg: PipelineConfig,
+    overrides: list[str],
+    experiment_id: str,
+    target: KubernetesTarget | None,
+) -> SubmittedRun:
+    """Start the step's run on the configured backend and return without waiting."""
     # MLflow's client would retry a vanished server for minutes before the child starts.
     check_tracking_server(mlflow.get_tracking_uri())
+    parameters = {
+        "model": cfg.model.name,
+        "compute": cfg.compute.name,
+        "overrides": shlex.join(overrides),
+    }
     try:
-        submitted = mlflow.projects.run(
-            uri=str(PROJECT_ROOT),
-            entry_point=_entry(step),
-            parameters={
-                "model": cfg.model.name,
-                "compute": cfg.compute.name,
-                "overrides": shlex.join(overrides),
-            },
-            env_manager="local",
-            experiment_id=experiment_id,
-            synchronous=True,
-        )
+        if target is None:
+            return mlflow.projects.run(
+                uri=str(PROJECT_ROOT),
+                entry_point=_entry(step),
+                parameters=parameters,
+                env_manager="local",
+                experiment_id=experiment_id,
+                synchronous=False,
+            )
+        with kubernetes_backend.submission_config(target, checkout_env()) as backend_config:
+            return mlflow.projects.run(
+                uri=str(target.project_dir),
+                entry_point=_entry(step),
+                parameters=parameters,
+                backend="kubernetes",
+                backend_config=backend_config,
+                experiment_id=experiment_id,
+                synchronous=False,
+                # The image layer with this commit's project files on top of the base image.
+                build_image=True,
+            )
     except ExecutionException as error:
-        raise PipelineError(f"step {step} failed: {error}; its log above says why") from None
+        raise PipelineError(f"step {step} could not start: {error}") from None
+
+
+def wait_for_child(step: str, submitted: SubmittedRun, parent_id: str) -> str:
+    """Wait for a submitted step as `mlflow.projects.run(synchronous=True)` does (a failed or
+    interrupted child is marked FAILED), and link it to the pipeline's run."""
+    try:
+        mlflow.projects._wait_for(submitted)
+    except ExecutionException:
+        raise PipelineError(
+            f"step {step} failed (run {submitted.run_id}); its log above says why"
+        ) from None
     # Linked the way MLflow nests runs, so the UI shows the pipeline as one tree.
     MlflowClient().set_tag(submitted.run_id, "mlflow.parentRunId", parent_id)
     return submitted.run_id
 
 
 def main(cfg: PipelineConfig, forwarded: list[str]) -> None:
+    target = None
+    if cfg.compute.backend.name is Backend.kubernetes:
+        target = kubernetes_backend.load_target(cfg.compute.backend)
+        kubernetes_backend.check_can_submit(target, tracking_uri(cfg))
+    parallel = cfg.main.parallel
+    if parallel is None:
+        parallel = target is not None
     with step_run("main", cfg) as parent:
         experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
         started = time.monotonic()
         steps = [s for s in STEP_ORDER if s in cfg.main.steps]
         if "wrap_onnx" in steps and _uses_prebuilt_onnx(cfg):
-            steps.insert(steps.index("wrap_onnx"), "fetch_onnx")
+            # Before both wraps, so that they stay side by side when they run at the same time.
+            first_wrap = min(steps.index(s) for s in CONCURRENT_STEPS if s in steps)
+            steps.insert(first_wrap, "fetch_onnx")
         upstream: dict[str, str] = {}
         # Children get the user's overrides (minus main's own) and model/compute as params.
         forwarded = [o for o in forwarded if not o.lstrip("+~").startswith("main.")]
         base = child_base_config(cfg)
-        for step in steps:
-            settings = upstream_settings(step, upstream)
-            digest = step_config_sha256(base, settings)
-            reused = None if cfg.main.rerun else reusable_run(_entry(step), digest, experiment_id)
-            if reused:
-                log.info(
-                    "step %s: reusing run %s (same commit, config, upstream runs)", step, reused
+        for batch in step_batches(steps, parallel):
+            submitted: dict[str, SubmittedRun] = {}
+            for step in batch:
+                settings = upstream_settings(step, upstream)
+                digest = step_config_sha256(base, settings)
+                reused = (
+                    None if cfg.main.rerun else reusable_run(_entry(step), digest, experiment_id)
                 )
-                upstream[step] = reused
-            else:
-                log.info("step %s: running", step)
-                overrides = forwarded + as_overrides(settings)
-                upstream[step] = run_child(step, cfg, overrides, experiment_id, parent_id)
+                if reused:
+                    log.info(
+                        "step %s: reusing run %s (same commit, config, upstream runs)", step, reused
+                    )
+                    upstream[step] = reused
+                else:
+                    log.info("step %s: running (%s backend)", step, cfg.compute.backend.name.value)
+                    overrides = forwarded + as_overrides(settings)
+                    submitted[step] = submit_child(step, cfg, overrides, experiment_id, target)
+            failures = []
+            for step, child in submitted.items():
+                try:
+                    upstream[step] = wait_for_child(step, child, parent_id)
+                except PipelineError as error:
+                    failures.append(str(error))
+            if failures:
+                raise PipelineError("; ".join(failures))
             mlflow.set_tags(
                 {
-                    f"main.{step}.run_id": upstream[step],
-                    f"main.{step}.reused": str(bool(reused)).lower(),
+                    tag: value
+                    for step in batch
+                    for tag, value in (
+                        (f"main.{step}.run_id", upstream[step]),
+                        (f"main.{step}.reused", str(step not in submitted).lower()),
+                    )
                 }
             )
         mlflow.log_metric("main_seconds", time.monotonic() - started)
@@ -181,7 +264,7 @@ def _entry(step: str) -> str:
 def _uses_prebuilt_onnx(cfg: PipelineConfig) -> bool:
     source = cfg.wrap.onnx_source
     return source is OnnxSource.prebuilt or (
-        source is OnnxSource.auto and cfg.compute.name in cfg.model.prebuilt_onnx
+        source is OnnxSource.auto and cfg.compute.target in cfg.model.prebuilt_onnx
     )
 
 

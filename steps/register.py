@@ -90,7 +90,7 @@ def _runtime_kind(runtime: str) -> str:
 
 
 def registered_name(cfg: PipelineConfig, chosen: Chosen) -> str:
-    return f"{cfg.model.name}-{_runtime_kind(chosen.runtime)}-{cfg.compute.name}"
+    return f"{cfg.model.name}-{_runtime_kind(chosen.runtime)}-{cfg.compute.target}"
 
 
 def find_evaluate_run(cfg: PipelineConfig, experiment_id: str) -> Run:

@@ -108,11 +108,11 @@ class OnnxFolder:
 def onnx_folder(cfg: PipelineConfig, experiment_id: str) -> OnnxFolder:
     source = cfg.wrap.onnx_source
     if source is OnnxSource.auto:
-        has_prebuilt = cfg.compute.name in cfg.model.prebuilt_onnx
+        has_prebuilt = cfg.compute.target in cfg.model.prebuilt_onnx
         source = OnnxSource.prebuilt if has_prebuilt else OnnxSource.build
     if source is OnnxSource.prebuilt:
         fetch_run_id, fetched = fetched_snapshot(cfg, experiment_id, FetchArtifact.prebuilt_onnx)
-        subfolder = cfg.model.prebuilt_onnx[cfg.compute.name].subfolder
+        subfolder = cfg.model.prebuilt_onnx[cfg.compute.target].subfolder
         return OnnxFolder(
             fetch_run_id, fetched.manifest.snapshot_id, fetched.model_dir, fetched.manifest,
             source, fetched.cache, fetched.seconds, Path(subfolder).name,

@@ -64,6 +64,13 @@ class OnnxSource(StrEnum):
     prebuilt = "prebuilt"  # always the prebuilt export (fails if there is none)
 
 
+class Backend(StrEnum):
+    """Where `main` runs its child steps: MLflow Projects backends, by MLflow's names."""
+
+    local = "local"  # child processes on this machine
+    kubernetes = "kubernetes"  # one Kubernetes Job per step (deploy/kubernetes/)
+
+
 class FetchArtifact(StrEnum):
     weights = "weights"
     prebuilt_onnx = "prebuilt_onnx"
@@ -150,8 +157,27 @@ class ModelConfig:
 
 
 @dataclass
+class BackendConfig:
+    name: Backend = Backend.local
+    # kubernetes: the docker_env MLflow project that runs the steps in pods, and MLflow's
+    # backend config for it (kubernetes_config.json); paths relative to the repository root.
+    project_dir: str | None = None
+    config: str | None = None
+
+    def validate(self) -> None:
+        if self.name is Backend.kubernetes and not (self.project_dir and self.config):
+            raise ValueError(
+                "compute.backend.name=kubernetes needs compute.backend.project_dir and "
+                "compute.backend.config (see conf/compute/k8s-cpu.yaml)"
+            )
+
+
+@dataclass
 class ComputeConfig:
     name: str = MISSING
+    # The hardware the steps run on, as model.prebuilt_onnx names it (cpu, cuda, dml); null:
+    # the same as name. Lets k8s-cuda use the exports and registered models of cuda.
+    hardware: str | None = None
     torch_device: str = MISSING
     torch_dtype: TorchDtype = TorchDtype.float32
     onnx_provider: OnnxProvider = OnnxProvider.cpu
@@ -160,8 +186,18 @@ class ComputeConfig:
     # may use, counted when the model loads (onnxruntime's own default ran one thread on a
     # 2-core VM: bench/README.md).
     onnx_threads: int | None = None
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    @property
+    def target(self) -> str:
+        return self.hardware or self.name
+
+    @property
+    def label(self) -> str:
+        return self.name if self.target == self.name else f"{self.name} (hardware {self.target})"
 
     def validate(self) -> None:
+        self.backend.validate()
         if self.onnx_threads is not None and self.onnx_threads < 1:
             raise ValueError(
                 f"compute.onnx_threads={self.onnx_threads} must be at least 1, or null for "
@@ -245,6 +281,10 @@ STEP_ORDER = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register")
 class MainConfig:
     steps: list[str] = field(default_factory=lambda: list(STEP_ORDER))
     rerun: bool = False
+    # Run wrap_transformers and wrap_onnx at the same time. null: where the backend runs each
+    # step on its own machine (kubernetes); on the local backend they share this machine's
+    # cores, so they run one after the other unless this is true.
+    parallel: bool | None = None
 
     def validate(self) -> None:
         unknown = [step for step in self.steps if step not in STEP_ORDER]
@@ -282,11 +322,11 @@ class PipelineConfig:
         self.main.validate()
         if (
             self.wrap.onnx_source is OnnxSource.prebuilt
-            and self.compute.name not in self.model.prebuilt_onnx
+            and self.compute.target not in self.model.prebuilt_onnx
         ):
             raise ValueError(
                 f"wrap.onnx_source=prebuilt, but model={self.model.name} has no prebuilt ONNX "
-                f"export for compute={self.compute.name}; use wrap.onnx_source=build"
+                f"export for compute={self.compute.label}; use wrap.onnx_source=build"
             )
         if not self.wrap.save_pretrained and self.model.source.kind is not SourceKind.hub:
             raise ValueError(
@@ -296,12 +336,12 @@ class PipelineConfig:
             )
         if (
             self.fetch.artifact is FetchArtifact.prebuilt_onnx
-            and self.compute.name not in self.model.prebuilt_onnx
+            and self.compute.target not in self.model.prebuilt_onnx
         ):
             available = ", ".join(sorted(self.model.prebuilt_onnx)) or "none"
             raise ValueError(
                 f"model={self.model.name} has no prebuilt ONNX export for compute="
-                f"{self.compute.name} (it has: {available}); use fetch.artifact=weights and "
+                f"{self.compute.label} (it has: {available}); use fetch.artifact=weights and "
                 "build one with wrap_onnx"
             )
 

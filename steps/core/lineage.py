@@ -27,8 +27,8 @@ def fetch_run_filter(cfg: PipelineConfig, artifact: FetchArtifact) -> str:
     params = flat_params(cfg)
     keys = ["model.name", "fetch.artifact"]
     if artifact is FetchArtifact.prebuilt_onnx:
-        keys += [f"model.prebuilt_onnx.{cfg.compute.name}.{k}" for k in ("repo_id", "revision")]
-        keys += [f"model.prebuilt_onnx.{cfg.compute.name}.subfolder"]
+        keys += [f"model.prebuilt_onnx.{cfg.compute.target}.{k}" for k in ("repo_id", "revision")]
+        keys += [f"model.prebuilt_onnx.{cfg.compute.target}.subfolder"]
     else:
         keys += [f"model.source.{k}" for k in ("kind", "repo_id", "revision", "path", "sha256")]
     wanted = {key: params[key] for key in keys} | {"fetch.artifact": artifact.value}
