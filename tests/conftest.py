@@ -143,12 +143,14 @@ class PipelineRuns:
 
 @pytest.fixture(scope="session")
 def remote_pipeline(bundled_fetch, session_cache: Path, remote_tracking) -> PipelineRuns:
-    """`mlflow run .` twice against the tracking server: cold, then reusing every step."""
+    """`mlflow run .` twice against the tracking server: cold, with the two wraps running at
+    the same time (main.parallel=true), then sequential and reusing every step (main's options
+    are not part of a step's inputs)."""
     override = f"fetch.cache_dir={session_cache}"
     seconds = []
-    for _ in range(2):
+    for overrides in (f"{override} main.parallel=true", override):
         started = time.monotonic()
-        result = mlflow_run("-P", f"overrides={override}", env=project_env(remote_tracking.uri))
+        result = mlflow_run("-P", f"overrides={overrides}", env=project_env(remote_tracking.uri))
         seconds.append(time.monotonic() - started)
         assert result.returncode == 0, result.stderr[-4000:]
     cold, warm = MlflowClient(remote_tracking.uri).search_runs(

@@ -6,48 +6,29 @@ Dockerfile is checked as text, and its build-time CUDA check is run here as a sc
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import kubernetes.client
-import kubernetes_validate
 import pytest
 import yaml
 from conftest import PROJECT_ROOT
+from kubernetes_models import typed, validate
 from packaging.requirements import Requirement
 
 from deploy import images
 
 DEPLOY = PROJECT_ROOT / "deploy"
-KUBERNETES_VERSION = "1.32.0"
 FULL_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 MANIFESTS = ("cronjob.yaml", "cache-pvc.yaml")
-
-
-@dataclass
-class _JsonResponse:
-    """What `ApiClient.deserialize` reads from an HTTP response: the body as JSON text."""
-
-    data: str
 
 
 def manifest(name: str) -> list[dict]:
     text = (DEPLOY / "kubernetes" / name).read_text()
     return [document for document in yaml.safe_load_all(text) if document]
-
-
-def typed(document: dict) -> Any:
-    """The document as the kubernetes client's model class (V1CronJob, V1Namespace, ...)."""
-    version = document["apiVersion"].rsplit("/", 1)[-1]
-    model = f"{version.capitalize()}{document['kind']}"
-    with kubernetes.client.ApiClient() as client:
-        return client.deserialize(_JsonResponse(json.dumps(document)), model)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +62,7 @@ def dockerfile() -> str:
     ids=lambda document: f"{document['kind']}/{document['metadata']['name']}",
 )
 def test_every_manifest_matches_the_kubernetes_api_schema_strictly(document: dict) -> None:
-    kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    validate(document)
     assert typed(document).metadata.name == document["metadata"]["name"]
 
 

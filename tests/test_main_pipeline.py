@@ -69,6 +69,18 @@ def test_parent_run_records_the_lineage(remote_pipeline: PipelineRuns) -> None:
     assert tags["main.model_uri.onnxruntime-genai"].startswith("models:/m-")
 
 
+def test_main_parallel_ran_the_two_wraps_at_the_same_time(remote_pipeline: PipelineRuns) -> None:
+    client = MlflowClient(remote_pipeline.server.uri)
+    tags = remote_pipeline.cold.data.tags
+    transformers, onnx = (
+        client.get_run(tags[f"main.{step}.run_id"]).info
+        for step in ("wrap_transformers", "wrap_onnx")
+    )
+    assert transformers.start_time < onnx.end_time and onnx.start_time < transformers.end_time
+    evaluate = client.get_run(tags["main.evaluate.run_id"]).info
+    assert evaluate.start_time >= max(transformers.end_time, onnx.end_time)
+
+
 def test_second_run_reuses_every_step(remote_pipeline: PipelineRuns) -> None:
     tags = remote_pipeline.warm.data.tags
     assert all(tags[f"main.{step}.reused"] == "true" for step in STEPS)

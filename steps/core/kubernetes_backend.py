@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import yaml
 from mlflow.exceptions import ExecutionException
 
-from steps.core.config import Backend, BackendConfig, compose_config
+from steps.core.config import Backend, BackendConfig, compose_config, group_options
 from steps.core.errors import ConfigError, PipelineError
 from steps.core.provenance import PROJECT_ROOT, checkout_env
 
@@ -89,7 +89,10 @@ def load_target(backend: BackendConfig, root: Path = PROJECT_ROOT) -> Kubernetes
     """The project and backend config that compute.backend names, checked by MLflow's own
     parser; a ConfigError names what is missing."""
     if backend.name is not Backend.kubernetes:
-        raise ConfigError(f"compute.backend.name={backend.name.value} is not kubernetes")
+        raise ConfigError(
+            f"compute.backend.name={backend.name.value}: this needs a compute option whose "
+            f"backend is kubernetes: {', '.join(kubernetes_compute_options())}"
+        )
     project_dir, config_path = root / backend.project_dir, root / backend.config
     if not (project_dir / "MLproject").is_file():
         raise ConfigError(
@@ -112,6 +115,14 @@ def load_target(backend: BackendConfig, root: Path = PROJECT_ROOT) -> Kubernetes
     except ExecutionException as error:
         raise ConfigError(f"{config_path}: {error.message}") from None
     return KubernetesTarget(project_dir, config_path, backend_config)
+
+
+def kubernetes_compute_options() -> list[str]:
+    return [
+        option
+        for option in group_options("compute")
+        if compose_config([f"compute={option}"]).compute.backend.name is Backend.kubernetes
+    ]
 
 
 def check_can_submit(target: KubernetesTarget, tracking_uri: str) -> None:
@@ -143,15 +154,16 @@ def check_cluster(target: KubernetesTarget) -> None:
     from kubernetes.config.config_exception import ConfigException
 
     context = target.backend_config.get("kube-context")
+    # The kubernetes package reads KUBECONFIG once, when it is imported.
+    kubeconfig = os.environ.get("KUBECONFIG", "~/.kube/config")
     try:
-        kubernetes.config.load_kube_config(context=context)
+        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context)
     except (OSError, ConfigException, TypeError) as kubeconfig_error:
         try:
             kubernetes.config.load_incluster_config()
         except ConfigException:
-            where = os.environ.get("KUBECONFIG", "~/.kube/config")
             raise PipelineError(
-                f"no Kubernetes cluster to run the steps on: the kubeconfig ({where}"
+                f"no Kubernetes cluster to run the steps on: the kubeconfig ({kubeconfig}"
                 + (f", context {context!r}" if context else "")
                 + f") gives none ({kubeconfig_error}) and this is not a pod. Point KUBECONFIG "
                 f"at your cluster's kubeconfig, or set kube-context in {target.config_path}; "
