@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import shlex
 import time
 
@@ -160,6 +161,10 @@ def submit_child(
     }
     try:
         if target is None:
+            # MLflow starts an asynchronous local run as an `mlflow run --experiment-id ...`
+            # subprocess, which refuses to start while MLFLOW_EXPERIMENT_NAME is also set; the
+            # child gets the experiment by id (MLFLOW_EXPERIMENT_ID) either way.
+            os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
             return mlflow.projects.run(
                 uri=str(PROJECT_ROOT),
                 entry_point=_entry(step),
