@@ -45,7 +45,7 @@ from steps.core.config import (
 )
 from steps.core.errors import PipelineError
 from steps.core.kubernetes_backend import KubernetesTarget
-from steps.core.provenance import PROJECT_ROOT, checkout_env, git_diff_sha256, git_state
+from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state
 from steps.core.tracking import (
     check_tracking_server,
     resolved_config_yaml,
@@ -173,18 +173,7 @@ def submit_child(
                 experiment_id=experiment_id,
                 synchronous=False,
             )
-        with kubernetes_backend.submission_config(target, checkout_env()) as backend_config:
-            return mlflow.projects.run(
-                uri=str(target.project_dir),
-                entry_point=_entry(step),
-                parameters=parameters,
-                backend="kubernetes",
-                backend_config=backend_config,
-                experiment_id=experiment_id,
-                synchronous=False,
-                # The image layer with this commit's project files on top of the base image.
-                build_image=True,
-            )
+        return kubernetes_backend.submit(target, _entry(step), parameters, experiment_id)
     except ExecutionException as error:
         raise PipelineError(f"step {step} could not start: {error}") from None
 

@@ -17,6 +17,7 @@ import yaml
 from conftest import PROJECT_ROOT
 from kubernetes_models import typed, validate
 from mlflow import MlflowClient
+from mlflow.exceptions import ExecutionException
 from mlflow.projects.docker import _create_docker_build_ctx
 from servers import clean_env, free_port
 
@@ -251,24 +252,39 @@ def test_only_the_two_wraps_run_at_the_same_time(parallel: bool, expected: list)
     ]
 
 
-def test_render_job_prints_the_job(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "steps", "render_job", "wrap_onnx", "--compute", "k8s-cuda"],
+def render_job_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "steps", "render_job", *args],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_render_job_prints_the_job() -> None:
+    result = render_job_cli("wrap_onnx", "--compute", "k8s-cuda")
     assert result.returncode == 0, result.stderr
     job = yaml.safe_load(result.stdout)
     validate(job)
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][3] == "wrap_onnx"
-    wrong = subprocess.run(
-        [sys.executable, "-m", "steps", "render_job", "fetch", "--compute", "cpu"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    wrong = render_job_cli("fetch", "--compute", "cpu")
     assert wrong.returncode == 2
     assert "k8s-cpu" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_a_submission_gets_through_mlflow_up_to_the_image_build(
+    tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow loads our docker_env project, takes the parameters and tags the run for the
+    Kubernetes backend; the image build is where a machine without Docker stops."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-docker.sock'}")
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("submit")
+    parameters = {"model": "smollm2-135m", "compute": "k8s-cpu", "overrides": ""}
+    with pytest.raises(ExecutionException, match="docker info"):
+        kubernetes_backend.submit(target("k8s-cpu"), "fetch", parameters, experiment_id)
+    (run,) = client.search_runs([experiment_id])
+    assert run.data.tags["mlflow.project.backend"] == "kubernetes"
+    assert run.data.tags["mlflow.project.entryPoint"] == "fetch"
+    assert run.data.params["compute"] == "k8s-cpu"

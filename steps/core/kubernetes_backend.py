@@ -259,6 +259,39 @@ def submission_config(target: KubernetesTarget, env: dict[str, str]) -> Iterator
         yield {**target.backend_config, "kube-job-template-path": str(path)}
 
 
+def submit(
+    target: KubernetesTarget, entry_point: str, parameters: dict[str, str], experiment_id: str
+):
+    """Submit one entry point as a Job (MLflow builds and pushes its image first) and return
+    MLflow's SubmittedRun without waiting."""
+    import docker
+    import kubernetes
+    from mlflow.projects import run
+
+    try:
+        with submission_config(target, checkout_env()) as backend_config:
+            return run(
+                uri=str(target.project_dir),
+                entry_point=entry_point,
+                parameters=parameters,
+                backend="kubernetes",
+                backend_config=backend_config,
+                experiment_id=experiment_id,
+                synchronous=False,
+                # The image layer with this commit's project files on top of the base image.
+                build_image=True,
+            )
+    except docker.errors.DockerException as error:
+        raise PipelineError(
+            f"building or pushing the image for {entry_point} failed: {error}"
+        ) from None
+    except kubernetes.client.ApiException as error:
+        raise PipelineError(
+            f"the cluster refused the Job for {entry_point}: {error.status} {error.reason} "
+            f"{error.body}"
+        ) from None
+
+
 def render_job(
     target: KubernetesTarget,
     entry_point: str,
