@@ -126,8 +126,8 @@ def kubernetes_compute_options() -> list[str]:
 
 
 def check_can_submit(target: KubernetesTarget, tracking_uri: str) -> None:
-    """Everything a submission needs that can be checked before the first step, cheapest
-    and most basic first."""
+    """Everything a submission needs that can be checked before the first step, the most
+    basic first: with no cluster at all, that is what the message says."""
     _check_packages()
     check_cluster(target)
     check_docker(target.base_image)
