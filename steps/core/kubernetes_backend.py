@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import shlex
@@ -69,10 +70,7 @@ class KubernetesTarget:
     project_dir: Path
     config_path: Path
     backend_config: dict[str, Any]  # kube-job-template-path made absolute
-
-    @property
-    def job_template(self) -> dict[str, Any]:
-        return yaml.safe_load(Path(self.backend_config["kube-job-template-path"]).read_text())
+    job_template: dict[str, Any]  # as MLflow's parser read it from that path
 
     @property
     def namespace(self) -> str:
@@ -111,10 +109,10 @@ def load_target(backend: BackendConfig, root: Path = PROJECT_ROOT) -> Kubernetes
     from mlflow.projects import _parse_kubernetes_config
 
     try:
-        _parse_kubernetes_config(backend_config)
+        parsed = _parse_kubernetes_config(backend_config)
     except ExecutionException as error:
         raise ConfigError(f"{config_path}: {error.message}") from None
-    return KubernetesTarget(project_dir, config_path, backend_config)
+    return KubernetesTarget(project_dir, config_path, backend_config, parsed["kube-job-template"])
 
 
 def kubernetes_compute_options() -> list[str]:
@@ -247,7 +245,7 @@ def check_repository(target: KubernetesTarget) -> None:
 def submission_config(target: KubernetesTarget, env: dict[str, str]) -> Iterator[dict]:
     """The backend config for one submission, its job template also setting env (MLflow
     reads the template from a file and adds only its own variables)."""
-    template = target.job_template
+    template = copy.deepcopy(target.job_template)
     container = template["spec"]["template"]["spec"]["containers"][0]
     container["env"] = [
         *container.get("env", []),
