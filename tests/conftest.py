@@ -139,18 +139,23 @@ class PipelineRuns:
     cold_seconds: float
     warm_seconds: float
     cache_override: str
+    temp_dir: Path  # TMPDIR of both runs
 
 
 @pytest.fixture(scope="session")
-def remote_pipeline(bundled_fetch, session_cache: Path, remote_tracking) -> PipelineRuns:
+def remote_pipeline(
+    bundled_fetch, session_cache: Path, remote_tracking, tmp_path_factory: pytest.TempPathFactory
+) -> PipelineRuns:
     """`mlflow run .` twice against the tracking server: cold, with the two wraps running at
     the same time (main.parallel=true), then sequential and reusing every step (main's options
     are not part of a step's inputs)."""
     override = f"fetch.cache_dir={session_cache}"
+    temp_dir = tmp_path_factory.mktemp("pipeline-tmp")
+    env = project_env(remote_tracking.uri, TMPDIR=str(temp_dir))
     seconds = []
     for overrides in (f"{override} main.parallel=true", override):
         started = time.monotonic()
-        result = mlflow_run("-P", f"overrides={overrides}", env=project_env(remote_tracking.uri))
+        result = mlflow_run("-P", f"overrides={overrides}", env=env)
         seconds.append(time.monotonic() - started)
         assert result.returncode == 0, result.stderr[-4000:]
     cold, warm = MlflowClient(remote_tracking.uri).search_runs(
@@ -160,4 +165,4 @@ def remote_pipeline(bundled_fetch, session_cache: Path, remote_tracking) -> Pipe
     )
     print(f"\nmlflow run . cold {seconds[0]:.1f} s, warm {seconds[1]:.1f} s "
           f"({seconds[1] / seconds[0]:.1%})")  # fmt: skip
-    return PipelineRuns(remote_tracking, cold, warm, seconds[0], seconds[1], override)
+    return PipelineRuns(remote_tracking, cold, warm, seconds[0], seconds[1], override, temp_dir)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,5 +97,8 @@ def model_server(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with running(command, clean_env(MLFLOW_TRACKING_URI=tracking_uri), f"{url}/ping", log):
-        yield url
+    # The server copies the model into a temp folder it never removes: give it one that goes.
+    with tempfile.TemporaryDirectory(prefix="mlflow-serve-") as scratch:
+        env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=scratch)
+        with running(command, env, f"{url}/ping", log):
+            yield url

@@ -4,6 +4,8 @@ the gate's failure path are checked."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 from conftest import PipelineRuns
@@ -17,18 +19,26 @@ STEPS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register")
 REGISTERED = "smollm2-135m-onnx-cpu"
 
 
-def test_champion_is_registered_and_answers_by_alias(remote_pipeline: PipelineRuns) -> None:
+def test_champion_is_registered_and_answers_by_alias(
+    remote_pipeline: PipelineRuns, tmp_path: Path
+) -> None:
     mlflow.set_tracking_uri(remote_pipeline.server.uri)
     version = MlflowClient().get_model_version_by_alias(REGISTERED, "champion")
     assert version.tags["evaluate.run_id"] == remote_pipeline.cold.data.tags["main.evaluate.run_id"]
     assert version.tags["git.commit"] == remote_pipeline.cold.data.tags["git.commit"]
     assert {"config.sha256", "fetch.manifest_sha256", "metrics.accuracy"} <= set(version.tags)
     assert "Accuracy" in version.description and "Git commit" in version.description
-    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion", dst_path=str(tmp_path))
     answer = model.predict(
         {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
     )
     assert "Paris" in answer[0]["choices"][0]["message"]["content"]
+
+
+def test_the_pipeline_leaves_no_files_in_the_temp_folder(remote_pipeline: PipelineRuns) -> None:
+    # Evaluating against a server copies each model (gigabytes for Phi-3) into a temp folder.
+    left = [p.relative_to(remote_pipeline.temp_dir) for p in remote_pipeline.temp_dir.rglob("*")]
+    assert [path for path in left if (remote_pipeline.temp_dir / path).is_file()] == []
 
 
 def test_evaluate_run_holds_metrics_tables_chart_and_dataset(remote_pipeline: PipelineRuns) -> None:

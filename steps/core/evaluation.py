@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import psutil
 from mlflow.genai.scorers import scorer
@@ -180,14 +182,26 @@ def peak_rss() -> Iterator[list[float]]:
         sampler.join()
 
 
+def stored_locally(model_uri: str) -> bool:
+    """Whether a `models:/m-<id>` model's files already lie on this machine. MLflow reads those
+    in place; any other store it copies into a temp folder it never removes (gigabytes per run
+    for Phi-3), unless the copy is given a folder of ours."""
+    import mlflow
+
+    if not model_uri.startswith("models:/m-"):
+        return False
+    location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    return urlparse(location).scheme in ("", "file")
+
+
 def evaluate_candidate(
     label: str, uri: str, eval_set: EvalSet, max_new_tokens: int
 ) -> CandidateResult:
     import mlflow
 
-    with peak_rss() as peak:
+    with peak_rss() as peak, tempfile.TemporaryDirectory(prefix=f"evaluate-{label}-") as copy:
         started = time.perf_counter()
-        model = mlflow.pyfunc.load_model(uri)
+        model = mlflow.pyfunc.load_model(uri, dst_path=None if stored_locally(uri) else copy)
         load_seconds = time.perf_counter() - started
         flavor = model.metadata.flavors.get("python_function", {})
         streamable = bool(flavor.get("streamable"))
