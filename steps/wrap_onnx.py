@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -134,11 +135,20 @@ def onnx_folder(cfg: PipelineConfig, experiment_id: str) -> OnnxFolder:
     )  # fmt: skip
 
 
+def link_or_copy(source: str, destination: str) -> None:
+    try:
+        # Linux's link() would link the symlink itself (os.link does not follow it there).
+        os.link(os.path.realpath(source), destination)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, destination)
+
+
 def log_onnx_chat_model(cfg: PipelineConfig, folder: Path, name: str, tags: dict[str, str]):
     # The cached folder is made of links into the store; the logged model needs real files.
+    # Hard links to the store's immutable blobs are real files that cost no space.
     with tempfile.TemporaryDirectory(prefix="onnx-model-") as scratch:
         copy = Path(scratch) / "onnx_model"
-        shutil.copytree(folder, copy, symlinks=False)
+        shutil.copytree(folder, copy, symlinks=False, copy_function=link_or_copy)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),

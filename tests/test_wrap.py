@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +22,10 @@ from mlflow.exceptions import MlflowException
 
 from steps.core.config import compose_config
 from steps.core.errors import PipelineError
+from steps.core.manifest import mismatched_files
 from steps.core.onnx_build import build_inputs, build_onnx
 from steps.core.snapshot_store import SnapshotStore
-from steps.wrap_onnx import check_provider
+from steps.wrap_onnx import check_provider, link_or_copy
 from steps.wrap_transformers import check_device
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -274,6 +277,37 @@ def test_rebuilding_the_same_onnx_inputs_is_a_cache_hit(bundled_fetch, session_c
     assert again.cache == "hit"
     assert again.manifest.snapshot_id == first.manifest.snapshot_id
     assert {e.path for e in again.manifest.files} >= {"genai_config.json", "model.onnx"}
+
+
+def test_the_logged_onnx_model_holds_real_files_with_the_cached_bytes(
+    wrapped: WrappedModels, bundled_fetch, session_cache
+) -> None:
+    inputs = build_inputs(bundled_fetch.manifest.snapshot_id, "fp32", "cpu", {})
+    store = SnapshotStore(session_cache)
+    built = build_onnx("smollm2-135m", bundled_fetch.model_dir, inputs, store)
+    mlflow.set_tracking_uri(wrapped.tracking_uri)
+    logged = Path(mlflow.artifacts.download_artifacts(wrapped.onnx_uri)) / "artifacts/onnx_model"
+    assert mismatched_files(logged, built.manifest.files) == []
+    assert not [path for path in logged.rglob("*") if path.is_symlink()]
+
+
+def test_staging_the_onnx_folder_links_the_blobs_and_copies_across_file_systems(
+    tmp_path: Path,
+) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"weights")
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "model.onnx").symlink_to("../blob")  # as the store links
+    shutil.copytree(tmp_path / "snapshot", tmp_path / "staged", copy_function=link_or_copy)
+    staged = tmp_path / "staged" / "model.onnx"
+    assert not staged.is_symlink() and staged.stat().st_ino == blob.stat().st_ino
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev:
+        with tempfile.TemporaryDirectory(dir=shm) as other:
+            link_or_copy(str(blob), f"{other}/model.onnx")
+            copied = Path(other) / "model.onnx"
+            assert copied.read_bytes() == b"weights"
+            assert copied.stat().st_ino != blob.stat().st_ino
 
 
 def test_transformers_flavor_behaviour_the_readme_documents(wrapped: WrappedModels) -> None:
