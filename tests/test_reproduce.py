@@ -133,7 +133,8 @@ def test_reproduced_fetch_and_wrap_rebuild_the_same_bytes_and_answers(
         original[step] = _latest_run(uri, step)
 
     reproduced = {}
-    fresh_env = project_env(uri, XDG_CACHE_HOME=str(tmp_path / "xdg-fresh"))
+    # TMPDIR: the printed command clones into `mktemp -d`, which would outlive the test.
+    fresh_env = project_env(uri, XDG_CACHE_HOME=str(tmp_path / "xdg-fresh"), TMPDIR=str(tmp_path))
     for step in ("fetch", "wrap_onnx"):
         run_id = original[step].info.run_id
         printed = subprocess.run(
