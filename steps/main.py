@@ -204,7 +204,7 @@ def main(cfg: PipelineConfig, forwarded: list[str]) -> None:
         experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
         started = time.monotonic()
         steps = [s for s in STEP_ORDER if s in cfg.main.steps]
-        if "wrap_onnx" in steps and _uses_prebuilt_onnx(cfg):
+        if "wrap_onnx" in steps and cfg.resolved_onnx_source is OnnxSource.prebuilt:
             # Before both wraps, so that they stay side by side when they run at the same time.
             first_wrap = min(steps.index(s) for s in CONCURRENT_STEPS if s in steps)
             steps.insert(first_wrap, "fetch_onnx")
@@ -253,13 +253,6 @@ def main(cfg: PipelineConfig, forwarded: list[str]) -> None:
 
 def _entry(step: str) -> str:
     return "fetch" if step == "fetch_onnx" else step
-
-
-def _uses_prebuilt_onnx(cfg: PipelineConfig) -> bool:
-    source = cfg.wrap.onnx_source
-    return source is OnnxSource.prebuilt or (
-        source is OnnxSource.auto and cfg.compute.target in cfg.model.prebuilt_onnx
-    )
 
 
 def _summarize(upstream: dict[str, str]) -> None:

@@ -107,10 +107,7 @@ class OnnxFolder:
 
 
 def onnx_folder(cfg: PipelineConfig, experiment_id: str) -> OnnxFolder:
-    source = cfg.wrap.onnx_source
-    if source is OnnxSource.auto:
-        has_prebuilt = cfg.compute.target in cfg.model.prebuilt_onnx
-        source = OnnxSource.prebuilt if has_prebuilt else OnnxSource.build
+    source = cfg.resolved_onnx_source
     if source is OnnxSource.prebuilt:
         fetch_run_id, fetched = fetched_snapshot(cfg, experiment_id, FetchArtifact.prebuilt_onnx)
         subfolder = cfg.model.prebuilt_onnx[cfg.compute.target].subfolder

@@ -313,6 +313,15 @@ class PipelineConfig:
     main: MainConfig = field(default_factory=MainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    @property
+    def resolved_onnx_source(self) -> OnnxSource:
+        """wrap.onnx_source with auto decided: the prebuilt export where the variant has one
+        for the compute target, else a build."""
+        if self.wrap.onnx_source is not OnnxSource.auto:
+            return self.wrap.onnx_source
+        has_prebuilt = self.compute.target in self.model.prebuilt_onnx
+        return OnnxSource.prebuilt if has_prebuilt else OnnxSource.build
+
     def validate(self) -> None:
         self.model.validate()
         self.compute.validate()
