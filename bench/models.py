@@ -15,13 +15,14 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
+from mlflow import MlflowClient
 
 from steps import main as pipeline
-from steps.core.config import PipelineConfig, SourceKind, compose_config
-from steps.core.lineage import fetched_snapshot
-from steps.core.onnx_build import build_inputs, build_onnx
-from steps.core.snapshot_store import SnapshotStore
+from steps.config.compose import compose_config
+from steps.config.schema import PipelineConfig, Runtime, SourceKind, model_label
+from steps.onnx.build import build_inputs, build_onnx, build_precision
+from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.lineage import fetched_snapshot
 
 EXPERIMENT = "bench"
 DEFAULT_STORE = Path("bench/results")
@@ -79,10 +80,14 @@ def bench_models(model: str, compute: str, store: Path = DEFAULT_STORE) -> Bench
     cfg = bench_config(model, compute, uri, "main.steps=[fetch,wrap_transformers,wrap_onnx]")
     # What main hands on to its child runs, so they record into the same store.
     tracking = [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}"]
-    pipeline.main(cfg, tracking)
-    parent = mlflow.last_active_run()
-    tags = parent.data.tags
-    _, fetched = fetched_snapshot(cfg, parent.info.experiment_id)
+    result = pipeline.main(cfg, tracking)
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(result.run_ids["fetch"]).info.experiment_id
+    fetched = fetched_snapshot(cfg, experiment_id).snapshot
+    wraps = {
+        runtime: client.get_run(result.run_ids[f"wrap_{runtime}"]).data.tags["model.uri"]
+        for runtime in Runtime
+    }
     gguf = None
     if cfg.model.source.kind is SourceKind.bundled:
         gguf = SnapshotStore.open(cfg.fetch.cache_dir).blob_path(cfg.model.source.sha256)
@@ -92,8 +97,8 @@ def bench_models(model: str, compute: str, store: Path = DEFAULT_STORE) -> Bench
         snapshot_dir=fetched.model_dir,
         snapshot_id=fetched.manifest.snapshot_id,
         gguf=gguf,
-        transformers_uri=tags["main.model_uri.transformers"],
-        onnx_uri=tags["main.model_uri.onnxruntime-genai"],
+        transformers_uri=wraps[Runtime.transformers],
+        onnx_uri=wraps[Runtime.onnx],
     )
 
 
@@ -107,10 +112,8 @@ def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
 
 
 def variant_label(variant: str) -> str:
-    """The name the wrap_onnx step gives the same build: `onnx-int4-k_quant_last` (option
-    values in the order of their names, as the build inputs sort them)."""
-    precision, options = parse_variant(variant)
-    return "-".join(["onnx", precision, *dict(sorted(options.items())).values()])
+    """The label the wrap_onnx step gives the same build: `onnx-int4-k_quant_last`."""
+    return model_label(Runtime.onnx, build_precision(*parse_variant(variant)))
 
 
 def onnx_build(models: BenchModels, variant: str) -> Path:

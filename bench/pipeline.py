@@ -41,7 +41,7 @@ from mlflow import MlflowClient
 
 from bench.models import add_model_arguments, tracking_uri
 from bench.reporting import provenance, write_report
-from steps.core.provenance import PROJECT_ROOT
+from steps.tracking.provenance import PROJECT_ROOT
 
 EXPERIMENT = "bench-pipeline"
 

@@ -33,7 +33,7 @@ from bench.models import (
 )
 from bench.reporting import provenance, write_report
 from steps import evaluate, wrap_onnx
-from steps.core.config import PipelineConfig
+from steps.config.schema import PipelineConfig, Runtime, model_label
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,7 @@ def wrap_variant(models: BenchModels, variant: str) -> str:
     precision, options = parse_variant(variant)
     overrides = [f"compute.onnx_precision={precision}"]
     overrides += [f"+wrap.onnx_builder_options.{k}={v}" for k, v in options.items()]
-    wrap_onnx.main(step_config(models, overrides))
-    return mlflow.last_active_run().info.run_id
+    return wrap_onnx.main(step_config(models, overrides)).model.wrap_run_id
 
 
 def evaluate_runs(models: BenchModels, wrap_run_ids: list[str]) -> str:
@@ -132,7 +131,8 @@ def main() -> None:
     ).source_run_id
     wrap_runs = [transformers_run] + [wrap_variant(models, v) for v in args.variants]
     evaluate_run_id = evaluate_runs(models, wrap_runs)
-    labels = ["transformers"] + [variant_label(v) for v in args.variants]
+    transformers = model_label(Runtime.transformers, models.cfg.compute.torch_dtype.precision)
+    labels = [transformers] + [variant_label(v) for v in args.variants]
     reference = labels[1]
     results = compare(evaluate_run_id, labels, reference)
     report = provenance(vars(args)) | {

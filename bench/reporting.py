@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 
 from bench.models import EXPERIMENT
-from steps.core.provenance import git_state, package_versions
+from steps.tracking.provenance import git_state, package_versions
 
 
 def provenance(settings: dict[str, object]) -> dict[str, object]:

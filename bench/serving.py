@@ -46,7 +46,7 @@ from mlflow.exceptions import MlflowException
 
 from bench.models import add_model_arguments, bench_models
 from bench.reporting import provenance, write_report
-from tests.servers import model_server
+from steps.serving.processes import model_server
 
 QUESTIONS = (
     "What is the capital of France?",

@@ -1,6 +1,7 @@
 """The launcher behind every MLproject entry point:
 
     python -m steps <entry point> --model M --compute C --overrides "key=value key2=value2"
+    python -m steps <entry point> ... --print-config   (the resolved config; runs nothing)
 
     python -m steps reproduce RUN_ID     (prints the command that reruns a recorded run)
 
@@ -20,9 +21,9 @@ import logging
 import shlex
 import sys
 
-from steps.core.config import compose_config
-from steps.core.errors import ConfigError, PipelineError
-from steps.core.kubernetes_backend import unquote_args
+from steps.backends.kubernetes import unquote_args
+from steps.config.compose import compose_config, resolved_config_yaml
+from steps.errors import ConfigError, PipelineError
 
 ENTRY_POINTS = {
     "fetch": "steps.fetch",
@@ -36,7 +37,17 @@ ENTRY_POINTS = {
 log = logging.getLogger("steps")
 
 
-def hydra_overrides(model: str | None, compute: str | None, overrides: str) -> list[str]:
+def hydra_overrides(
+    model: str | None,
+    compute: str | None,
+    overrides: str,
+    parameters: dict[str, str | None] | None = None,
+) -> list[str]:
+    """MLproject parameters as Hydra overrides, then the user's own `overrides`, which therefore
+    win (Hydra keeps the last value): `mlflow run` always passes every parameter, with its
+    default when the user gave none, and a default must not undo what `overrides` says.
+    `parameters` maps a config key (main.rerun) to a parameter's value; empty ones are left out.
+    """
     try:
         extra = shlex.split(overrides)
     except ValueError as error:
@@ -44,17 +55,18 @@ def hydra_overrides(model: str | None, compute: str | None, overrides: str) -> l
     chosen = [
         f"{group}={value}" for group, value in (("model", model), ("compute", compute)) if value
     ]
+    chosen += [f"{key}={value}" for key, value in (parameters or {}).items() if value]
     return chosen + extra
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = unquote_args(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["reproduce"]:
-        from steps.core.reproduction import cli
+        from steps.reproduce import cli
 
         return cli(argv[1:])
     if argv[:1] == ["render_job"]:
-        from steps.core.kubernetes_backend import cli
+        from steps.backends.kubernetes import cli
 
         return cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m steps", description=__doc__.split("\n\n")[0])
@@ -64,19 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compute", help="compute target (conf/compute/)")
     parser.add_argument("--overrides", default="", help='more Hydra overrides: "a.b=1 c=2"')
-    parser.add_argument("--steps", help="main only: comma-separated steps to run")
+    parser.add_argument("--steps", help="main only: comma-separated steps to run (main.steps)")
     parser.add_argument("--rerun", help="main only: true reruns steps that could be reused")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config the step would run with, and stop",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        overrides = hydra_overrides(args.model, args.compute, args.overrides)
-        if args.steps:
-            overrides.append(f"main.steps=[{args.steps}]")
-        if args.rerun:
-            overrides.append(f"main.rerun={args.rerun}")
-        cfg = compose_config(overrides)
+        main_parameters = {
+            "main.steps": f"[{args.steps}]" if args.steps else None,
+            "main.rerun": args.rerun,
+        }
+        cfg = compose_config(
+            hydra_overrides(args.model, args.compute, args.overrides, main_parameters)
+        )
+        if args.print_config:
+            print(resolved_config_yaml(cfg), end="")
+            return 0
         step = importlib.import_module(ENTRY_POINTS[args.entry_point])
         if args.entry_point == "main":
             # main hands the user's overrides on to its child runs (model and compute travel

@@ -10,44 +10,64 @@ or repaired), `fetch.snapshot_id`, plus the provenance tags every step sets.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import mlflow
 
-from steps.core.config import PipelineConfig
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.snapshots import FetchOutcome, fetch_snapshot
-from steps.core.tracking import step_run
+from steps.config.schema import PipelineConfig
+from steps.sources.snapshots import FetchOutcome, fetch_snapshot
+from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: PipelineConfig) -> FetchOutcome:
+@dataclass(frozen=True)
+class FetchResult:
+    snapshot: FetchOutcome
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        manifest = self.snapshot.manifest
+        return {
+            "fetch_seconds": self.snapshot.seconds,
+            "fetch_bytes": self.snapshot.bytes_fetched,
+            "snapshot_bytes": manifest.total_bytes,
+            "snapshot_files": len(manifest.files),
+            "cache_hit": float(self.snapshot.cache == "hit"),
+        }
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"fetch.cache": self.snapshot.cache, "fetch.snapshot_id": self.snapshot_id}
+
+    @property
+    def snapshot_id(self) -> str:
+        return self.snapshot.manifest.snapshot_id
+
+
+def run(cfg: PipelineConfig) -> FetchResult:
+    """Fetch what the config asks for into the snapshot store (no MLflow involved)."""
     store = SnapshotStore.open(cfg.fetch.cache_dir)
-    return fetch_snapshot(cfg.model, cfg.compute.target, cfg.fetch.artifact, store)
+    result = FetchResult(fetch_snapshot(cfg.model, cfg.compute.target, cfg.fetch.artifact, store))
+    snapshot = result.snapshot
+    log.info(
+        "fetched %s: cache %s, %d files, %.1f MiB in %.1f s (%.1f MiB downloaded) -> %s",
+        cfg.model.name,
+        snapshot.cache,
+        len(snapshot.manifest.files),
+        snapshot.manifest.total_bytes / 2**20,
+        snapshot.seconds,
+        snapshot.bytes_fetched / 2**20,
+        snapshot.model_dir,
+    )
+    return result
 
 
-def main(cfg: PipelineConfig) -> None:
+def main(cfg: PipelineConfig) -> FetchResult:
     with step_run("fetch", cfg):
-        outcome = run(cfg)
-        manifest = outcome.manifest
-        mlflow.log_text(manifest.to_json(), "manifest.json")
-        mlflow.log_metrics(
-            {
-                "fetch_seconds": outcome.seconds,
-                "fetch_bytes": outcome.bytes_fetched,
-                "snapshot_bytes": manifest.total_bytes,
-                "snapshot_files": len(manifest.files),
-                "cache_hit": float(outcome.cache == "hit"),
-            }
-        )
-        mlflow.set_tags({"fetch.cache": outcome.cache, "fetch.snapshot_id": manifest.snapshot_id})
-        log.info(
-            "fetched %s: cache %s, %d files, %.1f MiB in %.1f s (%.1f MiB downloaded) -> %s",
-            cfg.model.name,
-            outcome.cache,
-            len(manifest.files),
-            manifest.total_bytes / 2**20,
-            outcome.seconds,
-            outcome.bytes_fetched / 2**20,
-            outcome.model_dir,
-        )
+        result = run(cfg)
+        mlflow.log_text(result.snapshot.manifest.to_json(), "manifest.json")
+        mlflow.log_metrics(result.metrics)
+        mlflow.set_tags(result.tags)
+        return result

@@ -14,18 +14,18 @@ step. wrap_transformers and wrap_onnx need only fetch's run, so they are submitt
 waited for before evaluate where each gets its own machine (kubernetes), or where
 main.parallel=true asks for it locally.
 
-Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, `main.model_uri.<runtime>`,
-`main.registered` (name, version and alias).
+Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, `main.model_uri.<runtime>`
+(`transformers`, `onnx`), `main.registered` (name, version and alias).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import shlex
 import time
+from dataclasses import dataclass
 
 import mlflow
 import mlflow.projects
@@ -33,25 +33,20 @@ from mlflow import MlflowClient
 from mlflow.projects import ExecutionException, SubmittedRun
 from omegaconf import DictConfig, OmegaConf
 
-from steps.core import kubernetes_backend
-from steps.core.config import (
+from steps.backends import kubernetes as kubernetes_backend
+from steps.backends.kubernetes import KubernetesTarget
+from steps.config.compose import config_digest, to_typed
+from steps.config.schema import (
     STEP_ORDER,
     Backend,
     FetchArtifact,
     MainConfig,
     OnnxSource,
     PipelineConfig,
-    to_typed,
 )
-from steps.core.errors import PipelineError
-from steps.core.kubernetes_backend import KubernetesTarget
-from steps.core.provenance import PROJECT_ROOT, git_diff_sha256, git_state
-from steps.core.tracking import (
-    check_tracking_server,
-    resolved_config_yaml,
-    step_run,
-    tracking_uri,
-)
+from steps.errors import PipelineError
+from steps.tracking.provenance import PROJECT_ROOT, git_diff_sha256, git_state
+from steps.tracking.runs import check_tracking_server, step_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +90,7 @@ def as_overrides(settings: dict[str, str | list[str]]) -> list[str]:
 def child_base_config(cfg: PipelineConfig) -> DictConfig:
     """The config every child composes before its upstream run ids: main's own, with the
     `main` group back at its defaults (children never get main's options). Derived from the
-    already validated config instead of a second Hydra compose (0.7 s)."""
+    already validated config instead of a second, slower Hydra compose."""
     base = OmegaConf.structured(cfg)
     base.main = OmegaConf.structured(MainConfig())
     return base
@@ -107,7 +102,7 @@ def step_config_sha256(base: DictConfig, settings: dict[str, str | list[str]]) -
     node = copy.deepcopy(base)
     for key, value in settings.items():
         OmegaConf.update(node, key, value, merge=False)
-    return hashlib.sha256(resolved_config_yaml(to_typed(node)).encode()).hexdigest()
+    return config_digest(to_typed(node))
 
 
 def reusable_run(step: str, config_sha256: str, experiment_id: str) -> str | None:
@@ -192,63 +187,77 @@ def wait_for_child(step: str, submitted: SubmittedRun, parent_id: str) -> str:
     return submitted.run_id
 
 
-def main(cfg: PipelineConfig, forwarded: list[str]) -> None:
+@dataclass(frozen=True)
+class MainResult:
+    run_ids: dict[str, str]  # step -> the run it ran or reused (fetch_onnx: the export's fetch)
+    reused: list[str]  # the steps whose earlier runs were reused
+
+
+def pipeline_steps(cfg: PipelineConfig) -> list[str]:
+    """main.steps in pipeline order, with the prebuilt export's fetch where wrap_onnx uses it."""
+    steps = [s for s in STEP_ORDER if s in cfg.main.steps]
+    if "wrap_onnx" in steps and cfg.resolved_onnx_source is OnnxSource.prebuilt:
+        # Before both wraps, so that they stay side by side when they run at the same time.
+        first_wrap = min(steps.index(s) for s in CONCURRENT_STEPS if s in steps)
+        steps.insert(first_wrap, "fetch_onnx")
+    return steps
+
+
+def run(
+    cfg: PipelineConfig,
+    forwarded: list[str],
+    parent: mlflow.entities.Run,
+    target: KubernetesTarget | None,
+) -> MainResult:
+    """Run or reuse each step as a child of the parent run, recording the lineage on it as each
+    batch of steps finishes."""
+    experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
+    parallel = cfg.main.parallel if cfg.main.parallel is not None else target is not None
+    upstream: dict[str, str] = {}
+    reused_steps: list[str] = []
+    # Children get the user's overrides (minus main's own) and model/compute as params.
+    forwarded = [o for o in forwarded if not o.lstrip("+~").startswith("main.")]
+    base = child_base_config(cfg)
+    for batch in step_batches(pipeline_steps(cfg), parallel):
+        submitted: dict[str, SubmittedRun] = {}
+        for step in batch:
+            settings = upstream_settings(step, upstream)
+            digest = step_config_sha256(base, settings)
+            reused = None if cfg.main.rerun else reusable_run(_entry(step), digest, experiment_id)
+            if reused:
+                log.info("step %s: reusing run %s (same commit, config, upstream)", step, reused)
+                upstream[step] = reused
+                reused_steps.append(step)
+            else:
+                log.info("step %s: running (%s backend)", step, cfg.compute.backend.name.value)
+                overrides = forwarded + as_overrides(settings)
+                submitted[step] = submit_child(step, cfg, overrides, experiment_id, target)
+        failures = []
+        for step, child in submitted.items():
+            try:
+                upstream[step] = wait_for_child(step, child, parent_id)
+            except PipelineError as error:
+                failures.append(str(error))
+        if failures:
+            raise PipelineError("; ".join(failures))
+        client = MlflowClient()
+        for step in batch:
+            client.set_tag(parent_id, f"main.{step}.run_id", upstream[step])
+            client.set_tag(parent_id, f"main.{step}.reused", str(step in reused_steps).lower())
+    return MainResult(upstream, reused_steps)
+
+
+def main(cfg: PipelineConfig, forwarded: list[str]) -> MainResult:
     target = None
     if cfg.compute.backend.name is Backend.kubernetes:
         target = kubernetes_backend.load_target(cfg.compute.backend)
         kubernetes_backend.check_can_submit(target, tracking_uri(cfg))
-    parallel = cfg.main.parallel
-    if parallel is None:
-        parallel = target is not None
     with step_run("main", cfg) as parent:
-        experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
         started = time.monotonic()
-        steps = [s for s in STEP_ORDER if s in cfg.main.steps]
-        if "wrap_onnx" in steps and cfg.resolved_onnx_source is OnnxSource.prebuilt:
-            # Before both wraps, so that they stay side by side when they run at the same time.
-            first_wrap = min(steps.index(s) for s in CONCURRENT_STEPS if s in steps)
-            steps.insert(first_wrap, "fetch_onnx")
-        upstream: dict[str, str] = {}
-        # Children get the user's overrides (minus main's own) and model/compute as params.
-        forwarded = [o for o in forwarded if not o.lstrip("+~").startswith("main.")]
-        base = child_base_config(cfg)
-        for batch in step_batches(steps, parallel):
-            submitted: dict[str, SubmittedRun] = {}
-            for step in batch:
-                settings = upstream_settings(step, upstream)
-                digest = step_config_sha256(base, settings)
-                reused = (
-                    None if cfg.main.rerun else reusable_run(_entry(step), digest, experiment_id)
-                )
-                if reused:
-                    log.info(
-                        "step %s: reusing run %s (same commit, config, upstream runs)", step, reused
-                    )
-                    upstream[step] = reused
-                else:
-                    log.info("step %s: running (%s backend)", step, cfg.compute.backend.name.value)
-                    overrides = forwarded + as_overrides(settings)
-                    submitted[step] = submit_child(step, cfg, overrides, experiment_id, target)
-            failures = []
-            for step, child in submitted.items():
-                try:
-                    upstream[step] = wait_for_child(step, child, parent_id)
-                except PipelineError as error:
-                    failures.append(str(error))
-            if failures:
-                raise PipelineError("; ".join(failures))
-            mlflow.set_tags(
-                {
-                    tag: value
-                    for step in batch
-                    for tag, value in (
-                        (f"main.{step}.run_id", upstream[step]),
-                        (f"main.{step}.reused", str(step not in submitted).lower()),
-                    )
-                }
-            )
+        result = run(cfg, forwarded, parent, target)
         mlflow.log_metric("main_seconds", time.monotonic() - started)
-        _summarize(upstream)
+        _summarize(result.run_ids)
+        return result
 
 
 def _entry(step: str) -> str:

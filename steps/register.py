@@ -5,13 +5,13 @@ finished one of this model variant and compute target), chooses a model (`regist
 best accuracy with ties broken by decode speed, or a runtime), and checks the quality gate
 (`register.min_accuracy`, `register.max_p95_latency_s`).
 
-Passing the gate: a version of the registered model `<variant>-<runtime>-<compute>` with a model
-card as description and tags (git commit, config hash, evaluate run, fetch manifest hash,
+Passing the gate: a version of the registered model `<variant>-<runtime>-<hardware>` with a
+model card as description and tags (git commit, config hash, evaluate run, fetch manifest hash,
 metrics), aliased `champion` when it beats the current champion (or there is none), else
 `challenger`. Failing it: nothing is registered and the step fails, unless
 `register.allow_challenger=true` registers it as `challenger`. Registering the same model again
-reuses its version. Run tags: `register.model_name`, `register.version`, `register.alias`,
-`register.gate`.
+reuses its version. Run tags: `register.chosen`, `register.gate`, `register.model_name`,
+`register.version`, `register.alias`, `register.created`.
 """
 
 from __future__ import annotations
@@ -23,35 +23,39 @@ from dataclasses import dataclass
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
+from mlflow.entities.model_registry import ModelVersion
 
-from steps.core.config import Choice, PipelineConfig, RegisterConfig
-from steps.core.errors import PipelineError
-from steps.core.lineage import finished_run, latest_finished_run
-from steps.core.provenance import git_state
-from steps.core.tracking import resolved_config_yaml, step_run
+from steps.config.compose import config_digest
+from steps.config.schema import Choice, PipelineConfig, RegisterConfig
+from steps.errors import PipelineError
+from steps.tracking.lineage import finished_run, latest_finished_run
+from steps.tracking.models import EvaluatedModel
+from steps.tracking.provenance import git_state
+from steps.tracking.registry import register_version, set_alias, version_by_alias
+from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Chosen:
-    label: str
-    runtime: str
-    model_uri: str
-    wrap_run_id: str
-    summary: dict[str, float]
+class RegisterResult:
+    """The decision: which candidate, whether it passed the gate, under which name."""
+
+    chosen: EvaluatedModel
+    failures: list[str]  # gate checks it failed; empty: passed
+    registered_name: str
+
+    @property
+    def gate(self) -> str:
+        return "passed" if not self.failures else "failed: " + "; ".join(self.failures)
 
 
-def choose(candidates: list[dict], how: Choice) -> Chosen:
-    pool = [c for c in candidates if how is Choice.best or _runtime_kind(c["runtime"]) == how.value]
+def choose(candidates: list[EvaluatedModel], how: Choice) -> EvaluatedModel:
+    pool = [c for c in candidates if how is Choice.best or c.model.runtime is how.runtime]
     if not pool:
-        runtimes = sorted({c["runtime"] for c in candidates})
+        runtimes = sorted({c.model.runtime.value for c in candidates})
         raise PipelineError(f"register.choose={how.value}: no such candidate (have {runtimes})")
-    best = max(pool, key=lambda c: (c["summary"]["accuracy"], c["summary"]["tokens_per_s"]))
-    return Chosen(
-        best["label"], best["runtime"], best["model_uri"], best["wrap_run_id"], best["summary"]
-    )
+    return max(pool, key=lambda c: (c.summary["accuracy"], c.summary["tokens_per_s"]))
 
 
 def gate_failures(summary: dict[str, float], gate: RegisterConfig) -> list[str]:
@@ -75,7 +79,9 @@ def beats(summary: dict[str, float], champion_tags: dict[str, str]) -> bool:
     return mine > theirs
 
 
-def pick_alias(failed_gate: bool, champion, version: str, summary: dict[str, float]) -> str:
+def pick_alias(
+    failed_gate: bool, champion: ModelVersion | None, version: str, summary: dict[str, float]
+) -> str:
     """champion when it passed the gate and beats the current champion (or there is none, or
     it already is the champion); challenger otherwise."""
     if failed_gate:
@@ -85,12 +91,16 @@ def pick_alias(failed_gate: bool, champion, version: str, summary: dict[str, flo
     return "champion" if beats(summary, champion.tags) else "challenger"
 
 
-def _runtime_kind(runtime: str) -> str:
-    return "transformers" if runtime == "transformers" else "onnx"
+def registered_name(cfg: PipelineConfig, chosen: EvaluatedModel) -> str:
+    return f"{cfg.model.name}-{chosen.model.runtime.value}-{cfg.compute.target}"
 
 
-def registered_name(cfg: PipelineConfig, chosen: Chosen) -> str:
-    return f"{cfg.model.name}-{_runtime_kind(chosen.runtime)}-{cfg.compute.target}"
+def run(cfg: PipelineConfig, candidates: list[EvaluatedModel]) -> RegisterResult:
+    """Choose and gate (plain values: no MLflow)."""
+    chosen = choose(candidates, cfg.register.choose)
+    return RegisterResult(
+        chosen, gate_failures(chosen.summary, cfg.register), registered_name(cfg, chosen)
+    )
 
 
 def find_evaluate_run(cfg: PipelineConfig, experiment_id: str) -> Run:
@@ -105,16 +115,17 @@ def find_evaluate_run(cfg: PipelineConfig, experiment_id: str) -> Run:
     return run
 
 
-def model_card(cfg: PipelineConfig, chosen: Chosen, evaluate_run, commit: str) -> str:
+def model_card(cfg: PipelineConfig, chosen: EvaluatedModel, evaluate_run: Run, commit: str) -> str:
     source = cfg.model.source
     where = source.repo_id or source.path or source.package
     s = chosen.summary
     return "\n".join(
         [
-            f"# {cfg.model.display_name} ({chosen.label}, {cfg.compute.name})",
+            f"# {cfg.model.display_name} ({chosen.model.label}, {cfg.compute.name})",
             "",
             f"- Source: {source.kind.value} `{where}` at revision `{source.revision}`",
-            f"- Runtime: {chosen.runtime}, model `{chosen.label}`; license {cfg.model.license}",
+            f"- Runtime: {chosen.model.runtime.value}, precision {chosen.model.precision}; "
+            f"license {cfg.model.license}",
             f"- Evaluation: `{evaluate_run.data.tags.get('evaluate.dataset')}` "
             f"(sha256 {evaluate_run.data.tags.get('evaluate.dataset_sha256', '')[:12]}), "
             f"run `{evaluate_run.info.run_id}`",
@@ -126,60 +137,49 @@ def model_card(cfg: PipelineConfig, chosen: Chosen, evaluate_run, commit: str) -
     )
 
 
-def register_version(name: str, chosen: Chosen, description: str, tags: dict[str, str]):
-    """The version holding this model: an existing one is reused (idempotent)."""
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description=f"{name}: chat model from the pipeline")
-    existing = client.search_model_versions(
-        f"name = '{name}' and tags.`source.model_uri` = '{chosen.model_uri}'"
-    )
-    if existing:
-        log.info("%s is already version %s of %s", chosen.model_uri, existing[0].version, name)
-        return existing[0], False
-    version = mlflow.register_model(chosen.model_uri, name, tags=tags)
-    client.update_model_version(name, version.version, description=description)
-    return version, True
+def version_tags(
+    cfg: PipelineConfig, chosen: EvaluatedModel, evaluate_run: Run, commit: str
+) -> dict[str, str]:
+    fetch_run_id = MlflowClient().get_run(chosen.model.wrap_run_id).data.tags["fetch.run_id"]
+    manifest = mlflow.artifacts.load_text(f"runs:/{fetch_run_id}/manifest.json")
+    return {
+        "git.commit": commit,
+        "config.sha256": config_digest(cfg),
+        "evaluate.run_id": evaluate_run.info.run_id,
+        "fetch.manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest(),
+        "model.runtime": chosen.model.runtime.value,
+        "model.precision": chosen.model.precision,
+        "model.label": chosen.model.label,
+    } | {f"metrics.{k}": f"{v:.6g}" for k, v in chosen.summary.items()}
 
 
-def main(cfg: PipelineConfig) -> None:
-    with step_run("register", cfg) as run:
-        evaluate_run = find_evaluate_run(cfg, run.info.experiment_id)
+def main(cfg: PipelineConfig) -> RegisterResult:
+    with step_run("register", cfg) as active:
+        evaluate_run = find_evaluate_run(cfg, active.info.experiment_id)
         candidates = mlflow.artifacts.load_dict(
             f"runs:/{evaluate_run.info.run_id}/eval/candidates.json"
         )
-        chosen = choose(candidates, cfg.register.choose)
-        failures = gate_failures(chosen.summary, cfg.register)
-        gate = "passed" if not failures else "failed: " + "; ".join(failures)
-        mlflow.set_tags({"register.chosen": chosen.label, "register.gate": gate[:500]})
-        if failures and not cfg.register.allow_challenger:
+        result = run(cfg, [EvaluatedModel.from_dict(entry) for entry in candidates])
+        chosen, name = result.chosen, result.registered_name
+        mlflow.set_tags({"register.chosen": chosen.model.label, "register.gate": result.gate[:500]})
+        if result.failures and not cfg.register.allow_challenger:
             raise PipelineError(
-                f"{chosen.label} failed the quality gate ({'; '.join(failures)}); nothing was "
-                "registered. Set register.allow_challenger=true to register it as challenger"
+                f"{chosen.model.label} failed the quality gate ({'; '.join(result.failures)}); "
+                "nothing was registered. Set register.allow_challenger=true to register it as "
+                "challenger"
             )
-        name = registered_name(cfg, chosen)
         commit, _ = git_state()
-        fetch_run_id = MlflowClient().get_run(chosen.wrap_run_id).data.tags["fetch.run_id"]
-        manifest = mlflow.artifacts.load_text(f"runs:/{fetch_run_id}/manifest.json")
-        tags = {
-            "source.model_uri": chosen.model_uri,
-            "git.commit": commit,
-            "config.sha256": hashlib.sha256(resolved_config_yaml(cfg).encode()).hexdigest(),
-            "evaluate.run_id": evaluate_run.info.run_id,
-            "fetch.manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest(),
-            "model.label": chosen.label,
-        } | {f"metrics.{k}": f"{v:.6g}" for k, v in chosen.summary.items()}
-        description = model_card(cfg, chosen, evaluate_run, commit)
-        version, created = register_version(name, chosen, description, tags)
-        client = MlflowClient()
-        try:
-            champion = client.get_model_version_by_alias(name, "champion")
-        except MlflowException:
-            champion = None
-        alias = pick_alias(bool(failures), champion, str(version.version), chosen.summary)
-        client.set_registered_model_alias(name, alias, version.version)
+        version, created = register_version(
+            name,
+            chosen.model.model_uri,
+            model_card(cfg, chosen, evaluate_run, commit),
+            version_tags(cfg, chosen, evaluate_run, commit),
+        )
+        alias = pick_alias(
+            bool(result.failures), version_by_alias(name, "champion"), str(version.version),
+            chosen.summary,
+        )  # fmt: skip
+        set_alias(name, alias, version.version)
         mlflow.set_tags(
             {
                 "register.model_name": name,
@@ -190,5 +190,6 @@ def main(cfg: PipelineConfig) -> None:
         )
         log.info(
             "registered %s version %s as %s (%s): load it with models:/%s@%s",
-            name, version.version, alias, gate, name, alias,
+            name, version.version, alias, result.gate, name, alias,
         )  # fmt: skip
+        return result

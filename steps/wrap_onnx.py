@@ -3,13 +3,13 @@
 Gets an ONNX model folder, either built from the fetched snapshot with
 `onnxruntime_genai.models.builder` (compute target's precision and execution provider,
 `wrap.onnx_builder_options`; cached by its inputs) or the variant's prebuilt export for the
-compute target (`wrap.onnx_source`). Logs it with `steps/core/onnx_chat_model.py` as a
+compute target (`wrap.onnx_source`). Logs it with `steps/serving/onnx_chat_model.py` as a
 models-from-code pyfunc that serves the same chat schema as wrap_transformers.
 
 Run artifacts: the logged model `model`, `onnx_manifest.json` (every file of the ONNX folder
-with its sha256, and the build inputs), `config.yaml`. Tags: `fetch.run_id`,
-`fetch.snapshot_id`, `onnx.source`, `onnx.cache`, `model.uri`, `model.runtime`. Metrics:
-`onnx_build_seconds`, `onnx_model_bytes`, `wrap_seconds`.
+with its sha256, and the build inputs), `config.yaml`. Tags: those of steps.tracking.models
+(`model.runtime` onnx, `model.precision`, `model.label`, `model.uri`, `fetch.run_id`, ...) and
+`onnx.source`, `onnx.cache`. Metrics: `onnx_build_seconds`, `onnx_model_bytes`, `wrap_seconds`.
 """
 
 from __future__ import annotations
@@ -20,50 +20,36 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
-from mlflow.models import ModelSignature
-from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
-from mlflow.types.schema import ColSpec, DataType, Schema
 
-from steps.core.config import (
+from steps.config.schema import (
     ComputeConfig,
     FetchArtifact,
     OnnxProvider,
     OnnxSource,
     PipelineConfig,
+    Runtime,
 )
-from steps.core.errors import PipelineError
-from steps.core.lineage import fetched_snapshot
-from steps.core.manifest import Manifest
-from steps.core.onnx_build import build_inputs, build_onnx
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.tracking import step_run
-from steps.wrap_transformers import CHAT_EXAMPLE
+from steps.errors import PipelineError
+from steps.onnx.build import build_inputs, build_onnx, build_precision
+from steps.serving.chat import CHAT_EXAMPLE, chat_signature
+from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
+from steps.tracking.models import LoggedChatModel, WrapResult, model_tags
+from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
 
-RUNTIME = "onnxruntime-genai"
-MODEL_CODE = Path(__file__).resolve().parent / "core" / "onnx_chat_model.py"
+RUNTIME = Runtime.onnx
+MODEL_CODE = Path(__file__).resolve().parent / "serving" / "onnx_chat_model.py"
 GENAI_PACKAGE = {
     OnnxProvider.cpu: "onnxruntime-genai",
     OnnxProvider.cuda: "onnxruntime-genai-cuda",
     OnnxProvider.dml: "onnxruntime-genai-directml",
 }
-
-
-def chat_signature() -> ModelSignature:
-    """MLflow's llm/v1/chat signature (what the transformers flavor logs), with `messages`
-    optional and a legacy `prompt` column, so one model serves both forms."""
-    columns = [
-        ColSpec(c.type, c.name, required=False) if c.name == "messages" else c
-        for c in CHAT_MODEL_INPUT_SCHEMA.inputs
-    ]
-    columns.append(ColSpec(DataType.string, "prompt", required=False))
-    return ModelSignature(inputs=Schema(columns), outputs=CHAT_MODEL_OUTPUT_SCHEMA)
 
 
 def serving_requirements(provider: OnnxProvider) -> list[str]:
@@ -90,46 +76,11 @@ def check_provider(compute: ComputeConfig) -> None:
         )
 
 
-def model_name(cfg: PipelineConfig, precision: str) -> str:
-    return f"{cfg.model.name}-onnx-{precision}-{cfg.compute.onnx_provider.value}"
-
-
-@dataclass(frozen=True)
-class OnnxFolder:
-    fetch_run_id: str
-    snapshot_id: str  # of the fetched weights, or of the fetched prebuilt export
-    path: Path
-    manifest: Manifest
-    source: OnnxSource  # built or prebuilt
-    cache: str  # hit, miss or repaired
-    seconds: float
-    precision: str  # the builder's precision (and options), or the prebuilt export's folder name
-
-
-def onnx_folder(cfg: PipelineConfig, experiment_id: str) -> OnnxFolder:
-    source = cfg.resolved_onnx_source
-    if source is OnnxSource.prebuilt:
-        fetch_run_id, fetched = fetched_snapshot(cfg, experiment_id, FetchArtifact.prebuilt_onnx)
-        subfolder = cfg.model.prebuilt_onnx[cfg.compute.target].subfolder
-        return OnnxFolder(
-            fetch_run_id, fetched.manifest.snapshot_id, fetched.model_dir, fetched.manifest,
-            source, fetched.cache, fetched.seconds, Path(subfolder).name,
-        )  # fmt: skip
-    fetch_run_id, fetched = fetched_snapshot(cfg, experiment_id)
-    inputs = build_inputs(
-        fetched.manifest.snapshot_id,
-        cfg.compute.onnx_precision.value,
-        cfg.compute.onnx_provider.value,
-        cfg.wrap.onnx_builder_options,
-    )
-    store = SnapshotStore.open(cfg.fetch.cache_dir)
-    built = build_onnx(cfg.model.name, fetched.model_dir, inputs, store)
-    # Builder options change the model: they are part of its name (int4-k_quant_last).
-    label = "-".join([cfg.compute.onnx_precision.value, *inputs["extra_options"].values()])
-    return OnnxFolder(
-        fetch_run_id, fetched.manifest.snapshot_id, built.model_dir, built.manifest,
-        source, built.cache, built.seconds, label,
-    )  # fmt: skip
+def fetch_artifact(cfg: PipelineConfig) -> FetchArtifact:
+    """What this step builds on: the prebuilt export's fetch, or the weights' fetch."""
+    if cfg.resolved_onnx_source is OnnxSource.prebuilt:
+        return FetchArtifact.prebuilt_onnx
+    return FetchArtifact.weights
 
 
 def link_or_copy(source: str, destination: str) -> None:
@@ -163,30 +114,58 @@ def log_onnx_chat_model(cfg: PipelineConfig, folder: Path, name: str, tags: dict
         )
 
 
-def main(cfg: PipelineConfig) -> None:
-    with step_run("wrap_onnx", cfg) as run:
-        started = time.monotonic()
-        check_provider(cfg.compute)
-        onnx = onnx_folder(cfg, run.info.experiment_id)
-        mlflow.log_text(onnx.manifest.to_json(), "onnx_manifest.json")
-        name = model_name(cfg, onnx.precision)
-        tags = {
-            "fetch.run_id": onnx.fetch_run_id,
-            "fetch.snapshot_id": onnx.snapshot_id,
-            "onnx.source": onnx.source.value,
-            "onnx.cache": onnx.cache,
-            "onnx.precision": onnx.precision,
-            "model.variant": cfg.model.name,
-            "model.runtime": RUNTIME,
-            "compute": cfg.compute.name,
-        }
-        info = log_onnx_chat_model(cfg, onnx.path, name, tags)
-        mlflow.set_tags(tags | {"model.uri": info.model_uri})
-        mlflow.log_metrics(
-            {
-                "onnx_build_seconds": onnx.seconds,
-                "onnx_model_bytes": onnx.manifest.total_bytes,
-                "wrap_seconds": time.monotonic() - started,
-            }
+def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
+    """Build (or take the prebuilt) ONNX folder of a fetched snapshot and log it as a chat model
+    into the current experiment (and the active run, if one is open)."""
+    started = time.monotonic()
+    source = cfg.resolved_onnx_source
+    snapshot = fetched.snapshot
+    if source is OnnxSource.prebuilt:
+        folder, manifest, cache, seconds = (
+            snapshot.model_dir, snapshot.manifest, snapshot.cache, snapshot.seconds,
+        )  # fmt: skip
+        precision = Path(cfg.model.prebuilt_onnx[cfg.compute.target].subfolder).name
+    else:
+        options = cfg.wrap.onnx_builder_options
+        precision = build_precision(cfg.compute.onnx_precision.value, options)
+        inputs = build_inputs(
+            snapshot.manifest.snapshot_id,
+            cfg.compute.onnx_precision.value,
+            cfg.compute.onnx_provider.value,
+            options,
         )
-        log.info("logged %s chat model %s (%s)", RUNTIME, info.model_uri, name)
+        built = build_onnx(
+            cfg.model.name, snapshot.model_dir, inputs, SnapshotStore.open(cfg.fetch.cache_dir)
+        )
+        folder, manifest, cache, seconds = (
+            built.model_dir, built.manifest, built.cache, built.seconds,
+        )  # fmt: skip
+    name = f"{cfg.model.name}-{RUNTIME.value}-{precision}-{cfg.compute.onnx_provider.value}"
+    tags = model_tags(
+        RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
+        snapshot.manifest.snapshot_id,
+    ) | {"onnx.source": source.value, "onnx.cache": cache}  # fmt: skip
+    info = log_onnx_chat_model(cfg, folder, name, tags)
+    log.info("logged %s chat model %s (%s)", RUNTIME.value, info.model_uri, name)
+    return WrapResult(
+        model=LoggedChatModel(RUNTIME, precision, info.model_uri, info.run_id),
+        tags=tags | {"model.uri": info.model_uri},
+        metrics={
+            "onnx_build_seconds": seconds,
+            "onnx_model_bytes": manifest.total_bytes,
+            "wrap_seconds": time.monotonic() - started,
+        },
+        texts={"onnx_manifest.json": manifest.to_json()},
+    )
+
+
+def main(cfg: PipelineConfig) -> WrapResult:
+    with step_run("wrap_onnx", cfg) as active:
+        check_provider(cfg.compute)
+        fetched = fetched_snapshot(cfg, active.info.experiment_id, fetch_artifact(cfg))
+        result = run(cfg, fetched)
+        for path, text in result.texts.items():
+            mlflow.log_text(text, path)
+        mlflow.set_tags(result.tags)
+        mlflow.log_metrics(result.metrics)
+        return result

@@ -6,7 +6,8 @@ chat requests. Generation defaults come from the `generation` config group (gree
 the flavor samples unless told otherwise).
 
 Run artifacts: the logged model `model` (a LoggedModel, `models:/m-<id>`), `config.yaml`.
-Tags: `fetch.run_id`, `fetch.snapshot_id`, `model.uri`, `model.runtime`. Metric: `wrap_seconds`.
+Tags: those of steps.tracking.models (`model.runtime` transformers, `model.precision` from
+compute.torch_dtype, `model.label`, `model.uri`, `fetch.run_id`, ...). Metric: `wrap_seconds`.
 """
 
 from __future__ import annotations
@@ -19,19 +20,23 @@ from typing import Any
 
 import mlflow
 
-from steps.core.config import ComputeConfig, GenerationConfig, PipelineConfig, SourceKind
-from steps.core.errors import PipelineError
-from steps.core.lineage import fetched_snapshot
-from steps.core.snapshots import FetchOutcome
-from steps.core.tracking import step_run
+from steps.config.schema import (
+    ComputeConfig,
+    GenerationConfig,
+    PipelineConfig,
+    Runtime,
+    SourceKind,
+)
+from steps.errors import PipelineError
+from steps.serving.chat import CHAT_EXAMPLE
+from steps.sources.snapshots import FetchOutcome
+from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
+from steps.tracking.models import LoggedChatModel, WrapResult, model_tags
+from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
 
-RUNTIME = "transformers"
-CHAT_EXAMPLE = {
-    "messages": [{"role": "user", "content": "What is the capital of France?"}],
-    "max_tokens": 32,
-}
+RUNTIME = Runtime.transformers
 
 
 def serving_requirements() -> list[str]:
@@ -118,25 +123,35 @@ def log_chat_model(chat, cfg: PipelineConfig, tags: dict[str, str]):
     )
 
 
-def main(cfg: PipelineConfig) -> None:
-    with step_run("wrap_transformers", cfg) as run:
-        started = time.monotonic()
+def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
+    """Build the text-generation pipeline of a fetched snapshot and log it as a chat model into
+    the current experiment (and the active run, if one is open)."""
+    started = time.monotonic()
+    snapshot = fetched.snapshot
+    reference = not cfg.wrap.save_pretrained and cfg.model.source.kind is SourceKind.hub
+    if reference:
+        check_reference_is_reproducible(snapshot)
+    chat = build_pipeline(
+        snapshot.model_dir, cfg.compute, cfg.model.source.repo_id if reference else None
+    )
+    precision = cfg.compute.torch_dtype.precision
+    tags = model_tags(
+        RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
+        snapshot.manifest.snapshot_id,
+    )  # fmt: skip
+    info = log_chat_model(chat, cfg, tags)
+    log.info("logged %s chat model %s", RUNTIME.value, info.model_uri)
+    return WrapResult(
+        model=LoggedChatModel(RUNTIME, precision, info.model_uri, info.run_id),
+        tags=tags | {"model.uri": info.model_uri},
+        metrics={"wrap_seconds": time.monotonic() - started},
+    )
+
+
+def main(cfg: PipelineConfig) -> WrapResult:
+    with step_run("wrap_transformers", cfg) as active:
         check_device(cfg.compute)
-        fetch_run_id, snapshot = fetched_snapshot(cfg, run.info.experiment_id)
-        reference = not cfg.wrap.save_pretrained and cfg.model.source.kind is SourceKind.hub
-        if reference:
-            check_reference_is_reproducible(snapshot)
-        chat = build_pipeline(
-            snapshot.model_dir, cfg.compute, cfg.model.source.repo_id if reference else None
-        )
-        tags = {
-            "fetch.run_id": fetch_run_id,
-            "fetch.snapshot_id": snapshot.manifest.snapshot_id,
-            "model.variant": cfg.model.name,
-            "model.runtime": RUNTIME,
-            "compute": cfg.compute.name,
-        }
-        info = log_chat_model(chat, cfg, tags)
-        mlflow.set_tags(tags | {"model.uri": info.model_uri})
-        mlflow.log_metric("wrap_seconds", time.monotonic() - started)
-        log.info("logged %s chat model %s", RUNTIME, info.model_uri)
+        result = run(cfg, fetched_snapshot(cfg, active.info.experiment_id))
+        mlflow.set_tags(result.tags)
+        mlflow.log_metrics(result.metrics)
+        return result

@@ -19,11 +19,22 @@ import yaml
 from mlflow import MlflowClient
 from servers import TrackingServer, clean_env, tracking_server
 
-from steps.core.config import PipelineConfig, compose_config
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.snapshots import FetchOutcome, fetch_snapshot
+from steps.config.compose import compose_config
+from steps.config.schema import PipelineConfig
+from steps.sources.snapshots import FetchOutcome, fetch_snapshot
+from steps.store.snapshot_store import SnapshotStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Fixtures that convert the bundled model, build ONNX models or run `mlflow run`: every test
+# that uses one, however indirectly, is `slow` (so `pytest -m "not slow"` builds nothing).
+SLOW_FIXTURES = frozenset({"bundled_fetch", "wrapped", "remote_pipeline"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def mlflow_run(
@@ -111,15 +122,13 @@ def wrapped(
     overrides = (f"fetch.cache_dir={session_cache}", f"tracking.uri={uri}")
     cfg = compose_config(list(overrides))
     mlflow.set_tracking_uri(uri)
-    uris = {}
-    for step in (fetch, wrap_transformers, wrap_onnx):
-        step.main(cfg)
-        uris[step.__name__] = mlflow.last_active_run()
+    fetch.main(cfg)
+    transformers, onnx = wrap_transformers.main(cfg), wrap_onnx.main(cfg)
     return WrappedModels(
         tracking_uri=uri,
-        fetch_run_id=uris["steps.fetch"].info.run_id,
-        transformers_uri=uris["steps.wrap_transformers"].data.tags["model.uri"],
-        onnx_uri=uris["steps.wrap_onnx"].data.tags["model.uri"],
+        fetch_run_id=transformers.tags["fetch.run_id"],
+        transformers_uri=transformers.model.model_uri,
+        onnx_uri=onnx.model.model_uri,
         overrides=overrides,
     )
 

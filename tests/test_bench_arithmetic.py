@@ -12,8 +12,8 @@ import pytest
 from bench.decode_bytes import gguf_decode_bytes, onnx_decode_bytes, safetensors_decode_bytes
 from bench.models import parse_variant, variant_label
 from bench.runtimes import RuntimeSpec, Sample
-from steps.core.onnx_build import build_inputs, build_onnx
-from steps.core.snapshot_store import SnapshotStore
+from steps.onnx.build import build_inputs, build_onnx
+from steps.store.snapshot_store import SnapshotStore
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from steps.core import snapshots
-from steps.core.config import FetchArtifact, PipelineConfig
-from steps.core.manifest import sha256_file
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.snapshots import FetchOutcome, fetch_snapshot, materialize
+from steps.config.schema import FetchArtifact, PipelineConfig
+from steps.sources import snapshots
+from steps.sources.snapshots import FetchOutcome, fetch_snapshot, materialize
+from steps.store.manifest import sha256_file
+from steps.store.snapshot_store import SnapshotStore
 
 BUNDLED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
@@ -105,7 +105,7 @@ def test_snapshot_is_rebuilt_from_a_manifest_on_a_fresh_machine(
 
 
 def _fetch_local_in_process(folder: str, cache: str, queue) -> None:
-    from steps.core.config import compose_config
+    from steps.config.compose import compose_config
 
     cfg = compose_config(["model.source.kind=local", f"model.source.path={folder}"])
     outcome = _fetch(cfg, SnapshotStore(Path(cache)))

@@ -11,15 +11,9 @@ from conftest import PROJECT_ROOT
 
 from steps.__main__ import hydra_overrides
 from steps.__main__ import main as launch
-from steps.core.config import (
-    FetchArtifact,
-    OnnxPrecision,
-    OnnxProvider,
-    SourceKind,
-    compose_config,
-    group_options,
-)
-from steps.core.errors import ConfigError
+from steps.config.compose import compose_config, group_options
+from steps.config.schema import STEP_ORDER, FetchArtifact, OnnxPrecision, OnnxProvider, SourceKind
+from steps.errors import ConfigError
 
 MODELS = group_options("model")
 COMPUTES = group_options("compute")
@@ -36,7 +30,6 @@ def test_every_model_and_compute_composes(model: str, compute: str) -> None:
     assert cfg.model.name == model
     assert cfg.compute.name == compute
     assert cfg.model.context_length > 0
-    assert cfg.model.chat.eos_token and cfg.model.chat.template_style
     assert isinstance(cfg.compute.onnx_provider, OnnxProvider)
     assert isinstance(cfg.compute.onnx_precision, OnnxPrecision)
     if cfg.model.source.kind is SourceKind.hub:
@@ -122,6 +115,27 @@ def test_overrides_parameter_is_split_like_a_shell() -> None:
     assert hydra_overrides(None, None, "") == []
     with pytest.raises(ConfigError, match="cannot split overrides"):
         hydra_overrides(None, None, "a='b")
+
+
+def test_a_value_in_overrides_wins_over_the_mlproject_parameters_defaults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `mlflow run` passes every parameter, with its default when the user gave none.
+    every_step = "fetch,wrap_transformers,wrap_onnx,evaluate,register"
+    argv = ["main", "--model", "smollm2-135m", "--compute", "cpu", "--print-config"]
+    assert launch([*argv, "--steps", every_step, "--rerun", "false", "--overrides",
+                   "main.rerun=true main.steps=[evaluate,register]"]) == 0  # fmt: skip
+    main = yaml.safe_load(capsys.readouterr().out)["main"]
+    assert main["rerun"] is True and main["steps"] == ["evaluate", "register"]
+    # The parameters themselves still work, and the MLproject's empty defaults change nothing.
+    assert launch([*argv, "--steps", "evaluate", "--rerun", "true", "--overrides", ""]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["main"] | {"parallel": None} == {
+        "steps": ["evaluate"], "rerun": True, "parallel": None,
+    }  # fmt: skip
+    assert launch([*argv, "--steps", "", "--rerun", "", "--overrides", ""]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["main"] == {
+        "steps": list(STEP_ORDER), "rerun": False, "parallel": None,
+    }  # fmt: skip
 
 
 def test_launcher_reports_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,19 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from steps.core.config import Choice, compose_config
-from steps.core.errors import PipelineError
-from steps.core.evaluation import (
-    CandidateResult,
-    ItemResult,
-    answer_matches,
-    is_correct,
-    load_eval_set,
-    parity,
-    summarize,
-)
+from steps.config.compose import compose_config
+from steps.config.schema import Choice, Runtime
+from steps.errors import PipelineError
 from steps.evaluate import dataset_path
+from steps.evaluation.evalset import answer_matches, is_correct, load_eval_set
+from steps.evaluation.measure import CandidateResult, ItemResult
+from steps.evaluation.report import parity, summarize
 from steps.register import choose, gate_failures, pick_alias
+from steps.tracking.models import EvaluatedModel, LoggedChatModel
 
 WRONG_REPLIES = ["I don't know.", "", "Banana.", "The answer is 1000001."]
 
@@ -85,25 +81,23 @@ def test_summary_and_parity() -> None:
     assert parity([a, b]) == 0.5
 
 
-def _entry(label: str, runtime: str, accuracy: float, tokens_per_s: float) -> dict:
+def _evaluated(runtime: Runtime, precision: str, accuracy: float, tokens_per_s: float):
     summary = {"accuracy": accuracy, "tokens_per_s": tokens_per_s, "latency_p95_s": 2.0}
-    return {
-        "label": label,
-        "runtime": runtime,
-        "model_uri": f"models:/m-{label}",
-        "wrap_run_id": label,
-        "summary": summary,
-    }
+    model = LoggedChatModel(runtime, precision, f"models:/m-{runtime}-{precision}", "run")
+    # Through candidates.json and back, as register reads them.
+    entry = json.loads(json.dumps(EvaluatedModel(model, summary).to_dict()))
+    return EvaluatedModel.from_dict(entry)
 
 
 def test_best_is_accuracy_first_then_speed() -> None:
     candidates = [
-        _entry("transformers", "transformers", 0.4, 15.0),
-        _entry("onnx-fp32", "onnxruntime-genai", 0.4, 20.0),
-        _entry("onnx-int4", "onnxruntime-genai", 0.3, 80.0),
+        _evaluated(Runtime.transformers, "fp32", 0.4, 15.0),
+        _evaluated(Runtime.onnx, "fp32", 0.4, 20.0),
+        _evaluated(Runtime.onnx, "int4", 0.3, 80.0),
     ]
-    assert choose(candidates, Choice.best).label == "onnx-fp32"
-    assert choose(candidates, Choice.transformers).label == "transformers"
+    assert choose(candidates, Choice.best).model.label == "onnx-fp32"
+    assert choose(candidates, Choice.transformers).model.label == "transformers-fp32"
+    assert choose(candidates, Choice.onnx).model.label == "onnx-fp32"
     with pytest.raises(PipelineError, match="no such candidate"):
         choose(candidates[2:], Choice.transformers)
 
@@ -129,9 +123,15 @@ def test_evaluate_defaults_to_the_latest_wrap_runs(wrapped, compose) -> None:
 
     from steps import evaluate
 
-    evaluate.main(compose(*wrapped.overrides, "evaluate.max_items=2"))
-    run = mlflow.last_active_run()
+    result = evaluate.main(compose(*wrapped.overrides, "evaluate.max_items=2"))
+    assert {c.model_uri for c in result.candidates} == {wrapped.transformers_uri, wrapped.onnx_uri}
+    assert [c.label for c in result.candidates] == ["transformers-fp32", "onnx-fp32"]
+    assert result.metrics["parity"] == 1.0
+    (run,) = mlflow.search_runs(
+        filter_string="tags.`pipeline.step` = 'evaluate'", search_all_experiments=True,
+        output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
     candidates = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/candidates.json")
-    assert {c["model_uri"] for c in candidates} == {wrapped.transformers_uri, wrapped.onnx_uri}
+    assert [EvaluatedModel.from_dict(c).model for c in candidates] == result.candidates
     assert run.data.metrics["parity"] == 1.0
     assert run.data.tags["evaluate.dataset"] == "chat-basics-v1"

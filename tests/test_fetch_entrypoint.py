@@ -13,9 +13,10 @@ from conftest import PROJECT_ROOT, mlflow_run, project_env
 from fake_hub import FakeHub
 from mlflow import MlflowClient
 
-from steps.core.manifest import Manifest
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.snapshots import FetchOutcome, manifest_of_run, materialize
+from steps.sources.snapshots import FetchOutcome, materialize
+from steps.store.manifest import Manifest
+from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.lineage import manifest_of_run
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub
 
-from steps.core.config import FetchArtifact, PipelineConfig
-from steps.core.errors import FetchError
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.snapshots import FetchOutcome, fetch_snapshot, materialize
+from steps.config.schema import FetchArtifact, PipelineConfig
+from steps.errors import FetchError
+from steps.sources.snapshots import FetchOutcome, fetch_snapshot, materialize
+from steps.store.snapshot_store import SnapshotStore
 
 WEIGHTS_REPO = "microsoft/Phi-3-mini-4k-instruct"
 WEIGHTS_COMMIT = "3a811845d89f3c1b3f41b341d0f9f05104769f35"

@@ -22,12 +22,13 @@ from mlflow.projects.docker import _create_docker_build_ctx
 from servers import clean_env, free_port
 
 from deploy import images
-from steps.core import kubernetes_backend
-from steps.core.config import Backend, compose_config
-from steps.core.errors import PipelineError
-from steps.core.kubernetes_backend import KubernetesTarget, load_target, render_job
-from steps.core.provenance import CHECKOUT_ENV, git_state
+from steps.backends import kubernetes as kubernetes_backend
+from steps.backends.kubernetes import KubernetesTarget, load_target, render_job
+from steps.config.compose import compose_config
+from steps.config.schema import Backend
+from steps.errors import PipelineError
 from steps.main import step_batches
+from steps.tracking.provenance import CHECKOUT_ENV, git_state
 
 FLAVORS = {"k8s-cpu": "cpu", "k8s-cuda": "cuda"}
 ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")

@@ -12,7 +12,8 @@ from conftest import PipelineRuns
 from mlflow import MlflowClient
 
 from steps import register
-from steps.core.errors import PipelineError
+from steps.config.schema import Runtime
+from steps.errors import PipelineError
 
 pytestmark = pytest.mark.slow
 STEPS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register")
@@ -44,7 +45,7 @@ def test_evaluate_run_holds_metrics_tables_chart_and_dataset(remote_pipeline: Pi
     mlflow.set_tracking_uri(remote_pipeline.server.uri)
     run = mlflow.get_run(remote_pipeline.cold.data.tags["main.evaluate.run_id"])
     metrics = run.data.metrics
-    for label in ("transformers", "onnx-fp32"):
+    for label in ("transformers-fp32", "onnx-fp32"):
         for key in (
             "accuracy",
             "latency_p50_s",
@@ -57,7 +58,7 @@ def test_evaluate_run_holds_metrics_tables_chart_and_dataset(remote_pipeline: Pi
     assert "onnx-fp32.ttft_mean_s" in metrics
     # fp32 on both runtimes: the same greedy answers, so the same accuracy.
     assert metrics["parity"] == 1.0
-    assert metrics["transformers.accuracy"] == metrics["onnx-fp32.accuracy"] >= 0.3
+    assert metrics["transformers-fp32.accuracy"] == metrics["onnx-fp32.accuracy"] >= 0.3
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "eval")}
     assert {"eval/items.json", "eval/summary.json", "eval/comparison.png"} <= artifacts
     items = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/items.json")
@@ -75,7 +76,8 @@ def test_parent_run_records_the_lineage(remote_pipeline: PipelineRuns) -> None:
         assert child.data.tags["mlflow.parentRunId"] == remote_pipeline.cold.info.run_id
         assert child.data.tags["pipeline.step"] == step
     assert tags["main.registered"].startswith(f"{REGISTERED} v1 @champion")
-    assert tags["main.model_uri.onnxruntime-genai"].startswith("models:/m-")
+    for runtime in Runtime:
+        assert tags[f"main.model_uri.{runtime}"].startswith("models:/m-")
 
 
 def test_main_parallel_ran_the_two_wraps_at_the_same_time(remote_pipeline: PipelineRuns) -> None:

@@ -7,8 +7,7 @@ import hashlib
 
 import pytest
 
-from steps.core.config import compose_config
-from steps.core.tracking import resolved_config_yaml
+from steps.config.compose import compose_config, resolved_config_yaml
 from steps.main import as_overrides, child_base_config, step_config_sha256, upstream_settings
 
 UPSTREAM = {

@@ -14,10 +14,10 @@ from conftest import PROJECT_ROOT, mlflow_run, project_env
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from steps.core.config import compose_config
-from steps.core.errors import PipelineError
-from steps.core.reproduction import config_overrides, default_config, reproduce_run
-from steps.core.tracking import step_run
+from steps.config.compose import compose_config
+from steps.errors import PipelineError
+from steps.reproduce import config_overrides, default_config, reproduce_run
+from steps.tracking.runs import step_run
 
 QUESTIONS = ("What is the capital of France?", "What is 2 + 2?")
 
@@ -37,7 +37,7 @@ def _resolved(*overrides: str) -> dict:
             "evaluate.wrap_run_ids=['0123','abc']",
             "main.steps=[fetch,wrap_onnx]",
             "main.rerun=true",
-            "model/chat=chatml",
+            "compute.onnx_precision=int8",
         ),
         ("tracking.experiment='it\\'s \\${not.an.interpolation} C:\\\\dir\\\\'",),
     ],

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import pytest
 import requests
 from conftest import PipelineRuns
-from servers import model_server
 
 from steps import register
-from steps.core.config import compose_config
+from steps.config.compose import compose_config
+from steps.config.schema import Runtime
+from steps.serving.processes import model_server
 
 pytestmark = pytest.mark.slow
-REGISTERED = {"onnx": "smollm2-135m-onnx-cpu", "transformers": "smollm2-135m-transformers-cpu"}
+REGISTERED = {runtime.value: f"smollm2-135m-{runtime}-cpu" for runtime in Runtime}
 QUESTIONS = (
     "What is the capital of France?",
     "What is the capital of Japan?",

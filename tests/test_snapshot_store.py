@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from steps.core.manifest import sha256_file
-from steps.core.snapshot_store import SnapshotStore
+from steps.store.manifest import sha256_file
+from steps.store.snapshot_store import SnapshotStore
 
 FILES = {
     "a.json": b"{}",

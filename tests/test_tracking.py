@@ -13,8 +13,8 @@ import yaml
 from conftest import PROJECT_ROOT
 from servers import clean_env, free_port
 
-from steps.core.errors import PipelineError
-from steps.core.tracking import DEFAULT_STORE, flat_params, step_run, tracking_uri
+from steps.errors import PipelineError
+from steps.tracking.runs import DEFAULT_STORE, flat_params, step_run, tracking_uri
 
 
 def test_zero_setup_store_is_sqlite_in_the_project(compose, monkeypatch) -> None:

@@ -20,11 +20,11 @@ import yaml
 from conftest import WrappedModels
 from mlflow.exceptions import MlflowException
 
-from steps.core.config import compose_config
-from steps.core.errors import PipelineError
-from steps.core.manifest import mismatched_files
-from steps.core.onnx_build import build_inputs, build_onnx
-from steps.core.snapshot_store import SnapshotStore
+from steps.config.compose import compose_config
+from steps.errors import PipelineError
+from steps.onnx.build import build_inputs, build_onnx
+from steps.store.manifest import mismatched_files
+from steps.store.snapshot_store import SnapshotStore
 from steps.wrap_onnx import check_provider, link_or_copy
 from steps.wrap_transformers import check_device
 

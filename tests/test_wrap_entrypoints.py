@@ -10,9 +10,9 @@ import pytest
 from conftest import mlflow_run, project_env
 
 from steps import wrap_transformers
-from steps.core.errors import PipelineError
-from steps.core.lineage import fetch_run_filter
-from steps.core.snapshots import FetchOutcome
+from steps.errors import PipelineError
+from steps.sources.snapshots import FetchOutcome
+from steps.tracking.lineage import fetch_run_filter
 
 
 def _runs(step: str) -> list:
@@ -35,12 +35,13 @@ def test_mlflow_run_wraps_the_latest_fetch_both_ways(
     (fetch_run,) = _runs("fetch")
     for step, runtime in (
         ("wrap_transformers", "transformers"),
-        ("wrap_onnx", "onnxruntime-genai"),
+        ("wrap_onnx", "onnx"),
     ):
         (run,) = _runs(step)
         assert run.data.tags["fetch.run_id"] == fetch_run.info.run_id
         assert run.data.tags["fetch.snapshot_id"] == bundled_fetch.manifest.snapshot_id
         assert run.data.tags["model.runtime"] == runtime
+        assert run.data.tags["model.label"] == f"{runtime}-fp32"
         model = mlflow.get_logged_model(run.data.tags["model.uri"].removeprefix("models:/"))
         assert model.source_run_id == run.info.run_id
         answer = mlflow.pyfunc.load_model(run.data.tags["model.uri"]).predict(
@@ -49,7 +50,7 @@ def test_mlflow_run_wraps_the_latest_fetch_both_ways(
         assert "4" in answer[0]["choices"][0]["message"]["content"]
     (onnx_run,) = _runs("wrap_onnx")
     assert onnx_run.data.tags["onnx.source"] == "build"
-    assert onnx_run.data.tags["onnx.precision"] == "fp32"
+    assert onnx_run.data.tags["model.precision"] == "fp32"
     assert onnx_run.data.metrics["onnx_model_bytes"] > 0
     onnx_manifest = mlflow.artifacts.load_dict(f"runs:/{onnx_run.info.run_id}/onnx_manifest.json")
     assert onnx_manifest["source"]["snapshot_id"] == bundled_fetch.manifest.snapshot_id

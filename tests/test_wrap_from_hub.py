@@ -11,10 +11,10 @@ import pytest
 from fake_hub import FakeHub
 
 from steps import fetch, wrap_onnx, wrap_transformers
-from steps.core.errors import PipelineError
-from steps.core.onnx_build import build_inputs, build_onnx
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.snapshots import FetchOutcome
+from steps.errors import PipelineError
+from steps.onnx.build import build_inputs, build_onnx
+from steps.sources.snapshots import FetchOutcome
+from steps.store.snapshot_store import SnapshotStore
 
 REPO = "microsoft/Phi-3-mini-4k-instruct"
 PINNED = "3a811845d89f3c1b3f41b341d0f9f05104769f35"
@@ -55,8 +55,7 @@ def test_reference_mode_logs_no_weights_and_loads_them_from_the_hub(
         "model=phi3-mini-4k", "wrap.save_pretrained=false", f"fetch.cache_dir={tmp_path / 'c'}"
     )
     fetch.main(cfg)
-    wrap_transformers.main(cfg)
-    uri = mlflow.last_active_run().data.tags["model.uri"]
+    uri = wrap_transformers.main(cfg).model.model_uri
     local = Path(mlflow.artifacts.download_artifacts(uri))
     assert not list(local.rglob("*.safetensors")), "reference mode must not copy the weights"
     flavor = mlflow.models.Model.load(str(local)).flavors["transformers"]
@@ -89,10 +88,11 @@ def test_prebuilt_onnx_export_is_fetched_and_wrapped(
         "model=phi3-mini-4k", "fetch.artifact=prebuilt_onnx", f"fetch.cache_dir={tmp_path / 'c'}"
     )
     fetch.main(cfg)
-    wrap_onnx.main(cfg)  # wrap.onnx_source=auto: the variant has an export for compute=cpu
-    run = mlflow.last_active_run()
+    result = wrap_onnx.main(cfg)  # wrap.onnx_source=auto: the variant has an export for cpu
+    run = mlflow.get_run(result.model.wrap_run_id)
     assert run.data.tags["onnx.source"] == "prebuilt"
-    assert run.data.tags["onnx.precision"] == "cpu-int4-rtn-block-32-acc-level-4"
+    assert run.data.tags["model.precision"] == "cpu-int4-rtn-block-32-acc-level-4"
+    assert result.model.label == "onnx-cpu-int4-rtn-block-32-acc-level-4"
     model = mlflow.pyfunc.load_model(run.data.tags["model.uri"])
     answer = model.predict({"messages": [{"role": "user", "content": "What is 2+2?"}]})[0]
     assert "4" in answer["choices"][0]["message"]["content"]

@@ -1,9 +1,7 @@
-"""Typed configuration: the schemas behind conf/, and the one place configs are composed.
+"""The schemas behind conf/: one dataclass per config group, registered in Hydra's ConfigStore.
 
-Every entry point gets its config from `compose_config`, which composes conf/ with Hydra, checks
-it against the dataclass schemas below (unknown option, misspelled key, wrong type) and then
-runs the cross-field checks in the `validate` methods. Any failure is a `ConfigError` whose message
-names the bad value and the valid choices, raised before any work starts.
+`steps.config.compose` composes conf/ against them; the `validate` methods are the cross-field
+checks it runs, each raising ValueError with the fix in its message.
 """
 
 from __future__ import annotations
@@ -12,20 +10,26 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+from typing import Any
 
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf import MISSING
 
-from steps.core.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class Runtime(StrEnum):
+    """The two ways a model is served; the one name for each in config, entry points
+    (`wrap_<runtime>`), run tags, evaluation labels, metric keys and registered model names."""
+
+    transformers = "transformers"
+    onnx = "onnx"
+
+
+def model_label(runtime: Runtime, precision: str) -> str:
+    """How evaluation names a candidate: `transformers-fp32`, `onnx-int4-k_quant_last`."""
+    return f"{runtime.value}-{precision}"
 
 
 class SourceKind(StrEnum):
@@ -38,6 +42,11 @@ class TorchDtype(StrEnum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
+
+    @property
+    def precision(self) -> str:
+        """The builder's name for the same precision, so labels compare across runtimes."""
+        return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.value]
 
 
 class OnnxProvider(StrEnum):
@@ -114,22 +123,16 @@ class SourceConfig:
                     f"model.source.sha256={self.sha256!r} is not a sha256 (64 lowercase hex digits)"
                 )
 
+    def record(self, **resolved: Any) -> dict[str, Any]:
+        """The source as a manifest records it: the set fields plus what the fetch resolved."""
+        record = dataclasses.asdict(self)
+        record["kind"] = self.kind.value
+        record.update(resolved)
+        return {key: value for key, value in record.items() if value not in (None, [])}
+
     @property
     def pinned_commit(self) -> bool:
         return bool(self.revision and _COMMIT_HASH.fullmatch(self.revision))
-
-
-@dataclass
-class ChatFormat:
-    """What a client needs to know about the model's chat template (the template itself ships
-    with the tokenizer)."""
-
-    template_style: str = MISSING
-    bos_token: str = MISSING
-    eos_token: str = MISSING
-    end_of_turn_token: str = MISSING
-    supports_system_role: bool = True
-    default_system_prompt: str | None = None
 
 
 @dataclass
@@ -146,7 +149,6 @@ class ModelConfig:
     license: str = MISSING
     source: SourceConfig = field(default_factory=SourceConfig)
     context_length: int = MISSING
-    chat: ChatFormat = field(default_factory=ChatFormat)
     # compute target name -> the ONNX export published for it.
     prebuilt_onnx: dict[str, PrebuiltOnnx] = field(default_factory=dict)
 
@@ -181,10 +183,10 @@ class ComputeConfig:
     torch_device: str = MISSING
     torch_dtype: TorchDtype = TorchDtype.float32
     onnx_provider: OnnxProvider = OnnxProvider.cpu
-    onnx_precision: OnnxPrecision = OnnxPrecision.int4
+    onnx_precision: OnnxPrecision = OnnxPrecision.fp32
     # onnxruntime's intra-op threads for the ONNX model; null: every core the serving process
-    # may use, counted when the model loads (onnxruntime's own default ran one thread on a
-    # 2-core VM: bench/README.md).
+    # may use, counted when the model loads (onnxruntime's own default may run fewer:
+    # docs/configuration.md).
     onnx_threads: int | None = None
     backend: BackendConfig = field(default_factory=BackendConfig)
 
@@ -253,9 +255,15 @@ class EvaluateConfig:
 
 
 class Choice(StrEnum):
-    best = "best"  # highest accuracy, ties broken by decode speed
-    transformers = "transformers"
-    onnx = "onnx"
+    """register.choose: `best` (highest accuracy, ties broken by decode speed) or a runtime."""
+
+    best = "best"
+    transformers = Runtime.transformers.value
+    onnx = Runtime.onnx.value
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return None if self is Choice.best else Runtime(self.value)
 
 
 @dataclass
@@ -370,88 +378,3 @@ def _register_schemas() -> None:
 
 
 _register_schemas()
-
-
-def group_options(group: str) -> list[str]:
-    """The selectable options of a config group: its YAML files (schemas are not options)."""
-    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
-
-
-def compose_raw(overrides: list[str]) -> DictConfig:
-    """Compose conf/ with Hydra and the schemas; raises ConfigError on any problem."""
-    _check_group_choices(overrides)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as error:
-        cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-        raise ConfigError(_describe(cause)) from None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def to_typed(raw: DictConfig) -> PipelineConfig:
-    """Turn a composed config into schema objects, running the cross-field checks."""
-    try:
-        _reject_unknown_keys(raw, "")
-        typed = OmegaConf.to_object(raw)
-        if not isinstance(typed, PipelineConfig):
-            raise ValueError("conf/config.yaml must start its defaults list with pipeline_schema")
-        typed.validate()
-    except (ValueError, OmegaConfBaseException) as error:
-        raise ConfigError(_describe(error)) from None
-    return typed
-
-
-def compose_config(overrides: list[str]) -> PipelineConfig:
-    """The validated, typed config for these Hydra overrides."""
-    return to_typed(compose_raw(overrides))
-
-
-def _check_group_choices(overrides: list[str]) -> None:
-    """Name the valid choices for a group override before Hydra's longer message does."""
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        group = key.lstrip("+~")
-        if not sep or "." in group or not (CONF_DIR / group).is_dir():
-            continue
-        options = group_options(group)
-        if value not in options:
-            raise ConfigError(
-                f"unknown {group} {value!r}: choose one of {', '.join(options)} "
-                f"(e.g. -P {group}={options[0]})"
-            )
-
-
-def _reject_unknown_keys(node: DictConfig, path: str) -> None:
-    """Hydra's `+key=value` bypasses struct mode; the schemas still decide which keys exist."""
-    schema = OmegaConf.get_type(node)
-    if dataclasses.is_dataclass(schema):
-        known = {f.name for f in dataclasses.fields(schema)}
-        for key in node:
-            if key not in known:
-                raise ConfigError(_unknown_key(f"{path}{key}", schema))
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            _reject_unknown_keys(child, f"{path}{key}.")
-
-
-def _unknown_key(full_key: str, schema: type) -> str:
-    valid = ", ".join(f.name for f in dataclasses.fields(schema))
-    return f"unknown config key {full_key!r}: valid keys there are {valid}"
-
-
-def _describe(error: Exception) -> str:
-    """One line naming the bad key or value; OmegaConf's own text spans several."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    full_key = getattr(error, "full_key", None)
-    schema = getattr(error, "object_type", None)
-    if isinstance(error, ConfigAttributeError | ConfigKeyError) and dataclasses.is_dataclass(
-        schema
-    ):
-        return _unknown_key(full_key or first, schema)
-    if full_key:
-        return f"invalid config value for {full_key}: {first}"
-    return f"invalid config: {first}"

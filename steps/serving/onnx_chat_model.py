@@ -12,14 +12,13 @@ answered; `predict_stream` yields OpenAI `chat.completion.chunk` dicts.
 
 Generation goes through one `og.Engine`, which batches the requests that are in flight at the
 same time: concurrent calls (a threaded model server), the rows of a batch and the `n` choices
-of a request decode together. On this model and CPU that answers 8 concurrent clients about
-2x faster than one request at a time, with the same greedy tokens
-(bench/concurrent_generation.py).
+of a request decode together, with the same greedy tokens as one request at a time (what that
+buys under concurrent clients: bench/README.md, bench/concurrent_generation.py).
 
 `model_config` (set by the wrap_onnx step): `model_name` (the `model` field of answers),
 `provider` (cpu, cuda or dml), `intra_op_threads` (null: every core this process may use,
-counted at load time; onnxruntime's own default ran a single thread on a 2-core VM, 1.6x
-slower), `generation` (defaults: max_new_tokens, do_sample, temperature, top_p).
+counted at load time, since onnxruntime's own default can run fewer: bench/README.md),
+`generation` (defaults: max_new_tokens, do_sample, temperature, top_p).
 """
 
 from __future__ import annotations

@@ -14,14 +14,14 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
-from steps.core.bundled_source import WheelMember, convert_gguf_to_hf, gguf_blob
-from steps.core.config import FetchArtifact, ModelConfig, SourceConfig, SourceKind
-from steps.core.errors import FetchError
-from steps.core.hub_source import fetch_hub_snapshot
-from steps.core.manifest import Manifest, hash_tree, snapshot_id
-from steps.core.snapshot_store import SnapshotStore
+from steps.config.schema import FetchArtifact, ModelConfig, SourceConfig, SourceKind
+from steps.errors import FetchError
+from steps.sources.bundled import WheelMember, convert_gguf_to_hf, gguf_blob
+from steps.sources.hub import fetch_hub_snapshot
+from steps.sources.local import ingest_local_folder
+from steps.store.manifest import Manifest
+from steps.store.snapshot_store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +49,6 @@ def fetch_snapshot(
         )
         return _fetch(model.name, source, store, subfolder=prebuilt.subfolder)
     return _fetch(model.name, model.source, store)
-
-
-def manifest_of_run(run_id: str) -> Manifest:
-    """The manifest a fetch run logged (from whichever tracking store is current)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/manifest.json")
-    except (MlflowException, OSError) as error:
-        raise FetchError(
-            f"run {run_id} has no readable manifest.json ({type(error).__name__}): pass the id "
-            "of a finished fetch run"
-        ) from None
-    return Manifest.from_json(text)
 
 
 def materialize(manifest: Manifest, store: SnapshotStore) -> FetchOutcome:
@@ -98,7 +83,7 @@ def _fetch(
         manifest, cache, fetched = _from_bundled_wheel(model, source, store)
         root = store.snapshot_path(manifest.snapshot_id)
     else:
-        manifest, cache, fetched = _from_local_folder(model, source, store)
+        manifest, cache, fetched = ingest_local_folder(model, source, store)
         root = store.snapshot_path(manifest.snapshot_id)
     return FetchOutcome(
         model_dir=root / subfolder if subfolder else root,
@@ -107,13 +92,6 @@ def _fetch(
         bytes_fetched=fetched,
         seconds=time.monotonic() - started,
     )
-
-
-def _record(source: SourceConfig, **resolved: Any) -> dict[str, Any]:
-    record = dataclasses.asdict(source)
-    record["kind"] = source.kind.value
-    record.update(resolved)
-    return {key: value for key, value in record.items() if value not in (None, [])}
 
 
 def _from_hub(
@@ -132,7 +110,7 @@ def _from_hub(
             f"{source.repo_id}@{snapshot.commit} has no folder {subfolder!r}: check "
             "model.prebuilt_onnx in the model config"
         )
-    record = _record(source, resolved_revision=snapshot.commit, subfolder=subfolder)
+    record = source.record(resolved_revision=snapshot.commit, subfolder=subfolder)
     manifest = Manifest(model=model, source=record, files=snapshot.files)
     cache = "repaired" if snapshot.repaired else "miss" if snapshot.bytes_fetched else "hit"
     return manifest, cache, snapshot.bytes_fetched, snapshot.path
@@ -155,28 +133,6 @@ def _from_bundled_wheel(
         gguf, fetched = gguf_blob(spec, store)
         with store.staging() as staging:
             convert_gguf_to_hf(gguf, Path(source.member).name, staging)
-            record = _record(source, converter=converter)
+            record = source.record(converter=converter)
             manifest = store.ingest(staging, ref=ref, model=model, source=record, move=True)
         return manifest, cache, fetched
-
-
-def _from_local_folder(
-    model: str, source: SourceConfig, store: SnapshotStore
-) -> tuple[Manifest, str, int]:
-    folder = Path(source.path).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise FetchError(
-            f"model.source.path={source.path!r} is not an HF-format model folder "
-            "(no config.json); point it at a folder saved with save_pretrained"
-        )
-    files = hash_tree(folder, f"hashing {folder.name}")
-    ref = f"local--{snapshot_id(files)}"
-    with store.lock(ref):
-        cached, cache = store.verified(ref)
-        if cached:
-            return cached, cache, 0
-        record = _record(source, path=str(folder))
-        manifest = store.ingest(
-            folder, ref=ref, model=model, source=record, move=False, files=files
-        )
-        return manifest, cache, 0

@@ -8,18 +8,33 @@ on the params every fetch run logs.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from steps.core.config import FetchArtifact, PipelineConfig
-from steps.core.errors import PipelineError
-from steps.core.snapshot_store import SnapshotStore
-from steps.core.snapshots import FetchOutcome, manifest_of_run, materialize
-from steps.core.tracking import flat_params
+from steps.config.schema import FetchArtifact, PipelineConfig
+from steps.errors import FetchError, PipelineError
+from steps.sources.snapshots import FetchOutcome, materialize
+from steps.store.manifest import Manifest
+from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.runs import flat_params
 
 log = logging.getLogger(__name__)
+
+
+def manifest_of_run(run_id: str) -> Manifest:
+    """The manifest a fetch run logged (from whichever tracking store is current)."""
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/manifest.json")
+    except (MlflowException, OSError) as error:
+        raise FetchError(
+            f"run {run_id} has no readable manifest.json ({type(error).__name__}): pass the id "
+            "of a finished fetch run"
+        ) from None
+    return Manifest.from_json(text)
 
 
 def fetch_run_filter(cfg: PipelineConfig, artifact: FetchArtifact) -> str:
@@ -92,10 +107,17 @@ def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchAr
     return run.info.run_id
 
 
+@dataclass(frozen=True)
+class FetchedSnapshot:
+    """A fetch run and the verified snapshot it recorded, on this machine."""
+
+    run_id: str
+    snapshot: FetchOutcome
+
+
 def fetched_snapshot(
     cfg: PipelineConfig, experiment_id: str, artifact: FetchArtifact = FetchArtifact.weights
-) -> tuple[str, FetchOutcome]:
-    """(fetch run id, the verified snapshot it recorded, on this machine)."""
+) -> FetchedSnapshot:
     run_id = resolve_fetch_run(cfg, experiment_id, artifact)
     outcome = materialize(manifest_of_run(run_id), SnapshotStore.open(cfg.fetch.cache_dir))
-    return run_id, outcome
+    return FetchedSnapshot(run_id, outcome)

@@ -9,7 +9,6 @@ run already exists (MLFLOW_RUN_ID) and is reused.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,9 +21,10 @@ import requests
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from steps.core.config import PipelineConfig
-from steps.core.errors import PipelineError
-from steps.core.provenance import (
+from steps.config.compose import config_digest, resolved_config_yaml
+from steps.config.schema import PipelineConfig
+from steps.errors import PipelineError
+from steps.tracking.provenance import (
     PROJECT_ROOT,
     git_diff_sha256,
     git_repo,
@@ -60,10 +60,6 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
-def resolved_config_yaml(cfg: PipelineConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 def flat_params(cfg: PipelineConfig) -> dict[str, str]:
     """`model.source.repo_id`-style keys; non-string values as JSON."""
     flat: dict[str, str] = {}
@@ -88,7 +84,7 @@ def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
         "pipeline.compute": cfg.compute.name,
         "git.commit": commit,
         "git.dirty": "unknown" if dirty is None else str(dirty).lower(),
-        "config.sha256": hashlib.sha256(resolved_config_yaml(cfg).encode()).hexdigest(),
+        "config.sha256": config_digest(cfg),
     }
     if dirty:
         tags["git.diff_sha256"] = git_diff_sha256()

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from steps.core.errors import PipelineError
-from steps.core.manifest import Manifest
-from steps.core.snapshot_store import SnapshotStore
+from steps.errors import PipelineError
+from steps.store.manifest import Manifest
+from steps.store.snapshot_store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ def build_inputs(
         "extra_options": dict(sorted(options.items())),
         "onnxruntime_genai": version("onnxruntime-genai"),
     }
+
+
+def build_precision(precision: str, options: dict[str, str]) -> str:
+    """A build's precision as labels and tags name it: builder options change the model, so
+    their values follow the precision in the order of their names (`int4-k_quant_last`)."""
+    return "-".join([precision, *dict(sorted(options.items())).values()])
 
 
 def build_onnx(

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps.core.errors import FetchError
-from steps.core.manifest import sha256_file
-from steps.core.snapshot_store import SnapshotStore
+from steps.errors import FetchError
+from steps.store.manifest import sha256_file
+from steps.store.snapshot_store import SnapshotStore
 
 log = logging.getLogger(__name__)
 

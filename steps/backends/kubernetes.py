@@ -32,9 +32,10 @@ from urllib.parse import urlsplit
 import yaml
 from mlflow.exceptions import ExecutionException
 
-from steps.core.config import Backend, BackendConfig, compose_config, group_options
-from steps.core.errors import ConfigError, PipelineError
-from steps.core.provenance import PROJECT_ROOT, checkout_env
+from steps.config.compose import compose_config, group_options
+from steps.config.schema import Backend, BackendConfig
+from steps.errors import ConfigError, PipelineError
+from steps.tracking.provenance import PROJECT_ROOT, checkout_env
 
 # A registry that cannot exist (RFC 2606): the shipped kubernetes_config.json files name it
 # until a user puts theirs in.

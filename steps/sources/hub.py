@@ -26,8 +26,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from steps.core.errors import FetchError
-from steps.core.manifest import FileEntry, hash_tree, sha256_file
+from steps.errors import FetchError
+from steps.store.manifest import FileEntry, hash_tree, sha256_file
 
 log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -30,9 +30,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from steps.core.config import compose_config
-from steps.core.errors import PipelineError
-from steps.core.tracking import default_tracking_uri
+from steps.config.compose import compose_config
+from steps.errors import PipelineError
+from steps.tracking.runs import default_tracking_uri
 
 ENTRY_POINT_PARAMS = ("model", "compute", "overrides")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from steps.core.manifest import (
+from steps.store.manifest import (
     FileEntry,
     Manifest,
     hash_tree,

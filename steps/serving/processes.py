@@ -1,0 +1,81 @@
+"""Model servers as child processes on loopback ports: `mlflow models serve` of a registered
+model, started, waited for until it answers, and stopped with its whole process group. The tests
+and bench/serving.py start their servers through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], env: dict[str, str], health_url: str, log: Path, timeout: float = 180
+) -> Iterator[subprocess.Popen]:
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[:4]} exited with {process.returncode}:\n{_tail(log)}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(health_url, timeout=2).ok:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{health_url} did not answer in {timeout} s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HF_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env | extra
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
+    """`mlflow models serve` of a registered model in this environment; yields its base URL."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    # The server copies the model into a temp folder it never removes: give it one that goes.
+    with tempfile.TemporaryDirectory(prefix="mlflow-serve-") as scratch:
+        env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=scratch)
+        with running(command, env, f"{url}/ping", log):
+            yield url

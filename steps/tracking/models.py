@@ -1,0 +1,82 @@
+"""The chat models the wrap steps log, as the runs record them and later steps read them back.
+
+A wrap run's tags are the single record of what it logged: `model.runtime` (transformers or
+onnx), `model.precision`, `model.label`, `model.uri` and the fetch run it built on. evaluate
+finds its candidates from those tags and register reads the evaluated candidates from
+evaluate's `eval/candidates.json`; nothing parses a label back into its parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.entities import Run
+
+from steps.config.schema import Runtime, model_label
+
+
+@dataclass(frozen=True)
+class LoggedChatModel:
+    runtime: Runtime
+    precision: str  # fp32, int8, int4-k_quant_last, or a prebuilt export's folder name
+    model_uri: str  # models:/m-<id>
+    wrap_run_id: str | None  # the run that logged it (None: logged outside a run)
+    label: str = ""  # <runtime>-<precision>, unless two candidates share it
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", model_label(self.runtime, self.precision))
+
+    @classmethod
+    def from_run(cls, run: Run) -> LoggedChatModel:
+        tags = run.data.tags
+        return cls(
+            Runtime(tags["model.runtime"]), tags["model.precision"], tags["model.uri"],
+            run.info.run_id,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WrapResult:
+    """What a wrap step logged: the model, and the tags, metrics and texts its run records."""
+
+    model: LoggedChatModel
+    tags: dict[str, str]  # the logged model's own tags plus `model.uri` and step details
+    metrics: dict[str, float]
+    texts: dict[str, str] = dataclasses.field(default_factory=dict)  # artifact path -> text
+
+
+def model_tags(
+    runtime: Runtime, precision: str, variant: str, compute: str, fetch_run_id: str,
+    snapshot_id: str,
+) -> dict[str, str]:  # fmt: skip
+    """The tags a logged model and its wrap run carry (the run adds `model.uri`)."""
+    return {
+        "fetch.run_id": fetch_run_id,
+        "fetch.snapshot_id": snapshot_id,
+        "model.variant": variant,
+        "model.runtime": runtime.value,
+        "model.precision": precision,
+        "model.label": model_label(runtime, precision),
+        "compute": compute,
+    }
+
+
+@dataclass(frozen=True)
+class EvaluatedModel:
+    """A candidate with its evaluation summary: one entry of `eval/candidates.json`."""
+
+    model: LoggedChatModel
+    summary: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.model) | {"summary": self.summary}
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> EvaluatedModel:
+        fields = {f.name for f in dataclasses.fields(LoggedChatModel)}
+        model = {key: value for key, value in entry.items() if key in fields}
+        model["runtime"] = Runtime(model["runtime"])
+        return cls(LoggedChatModel(**model), dict(entry["summary"]))

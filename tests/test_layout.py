@@ -1,0 +1,85 @@
+"""The package layout the README describes: every sub-package of steps/ imports only the layers
+below it, no entry point imports another, and the ONNX chat model (which ships inside the logged
+model) imports nothing of this project."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_ROOT
+
+STEPS = PROJECT_ROOT / "steps"
+# Each layer may import the layers listed before it (and itself).
+LAYERS = (
+    "errors",
+    "config",
+    "store",
+    "sources",
+    "onnx",
+    "serving",
+    "evaluation",
+    "tracking",
+    "backends",
+    "reproduce",
+)
+ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")
+
+
+def imported_layers(path: Path) -> set[str]:
+    """The top-level names under steps/ that a module imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "steps" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def layer_of(path: Path) -> str:
+    relative = path.relative_to(STEPS)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def test_every_module_belongs_to_a_layer_an_entry_point_or_the_launcher() -> None:
+    known = {*LAYERS, *ENTRY_POINTS, "__init__", "__main__"}
+    assert {layer_of(path) for path in STEPS.rglob("*.py")} <= known
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
+    allowed = set(LAYERS[: LAYERS.index(layer) + 1])
+    for path in STEPS.rglob("*.py"):
+        if layer_of(path) == layer:
+            imported = imported_layers(path) - {"__init__"}
+            assert imported <= allowed, (path.relative_to(PROJECT_ROOT), imported - allowed)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_no_entry_point_imports_another(entry_point: str) -> None:
+    imported = imported_layers(STEPS / f"{entry_point}.py")
+    assert not imported & set(ENTRY_POINTS), imported & set(ENTRY_POINTS)
+
+
+def test_the_model_code_shipped_with_the_onnx_model_imports_nothing_of_ours() -> None:
+    assert imported_layers(STEPS / "serving" / "onnx_chat_model.py") == set()
+
+
+def test_bench_does_not_import_the_tests() -> None:
+    for path in (PROJECT_ROOT / "bench").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in modules if m and m.split(".")[0] in ("tests", "conftest")}, path
