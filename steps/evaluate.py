@@ -28,7 +28,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps.config.schema import PipelineConfig
+from steps.config.schema import WRAP_STEPS, PipelineConfig
 from steps.errors import PipelineError
 from steps.evaluation.evalset import EvalSet, answer_matches, load_eval_set
 from steps.evaluation.measure import CandidateResult, evaluate_candidate
@@ -46,7 +46,6 @@ from steps.tracking.provenance import PROJECT_ROOT
 from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
-WRAP_STEPS = ("wrap_transformers", "wrap_onnx")
 
 
 @dataclass(frozen=True)

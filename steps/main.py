@@ -38,6 +38,7 @@ from steps.backends.kubernetes import KubernetesTarget
 from steps.config.compose import config_digest, to_typed
 from steps.config.schema import (
     STEP_ORDER,
+    WRAP_STEPS,
     Backend,
     FetchArtifact,
     MainConfig,
@@ -49,9 +50,6 @@ from steps.tracking.provenance import PROJECT_ROOT, git_diff_sha256, git_state
 from steps.tracking.runs import check_tracking_server, step_run, tracking_uri
 
 log = logging.getLogger(__name__)
-
-# Steps that depend on fetch alone, so they may run at the same time.
-CONCURRENT_STEPS = ("wrap_transformers", "wrap_onnx")
 
 
 def upstream_settings(step: str, upstream: dict[str, str]) -> dict[str, str | list[str]]:
@@ -65,7 +63,7 @@ def upstream_settings(step: str, upstream: dict[str, str]) -> dict[str, str | li
     elif step == "wrap_onnx" and onnx_input:
         settings["wrap.fetch_run_id"] = onnx_input
     elif step == "evaluate":
-        wraps = [upstream[s] for s in ("wrap_transformers", "wrap_onnx") if s in upstream]
+        wraps = [upstream[s] for s in WRAP_STEPS if s in upstream]
         if wraps:
             settings["evaluate.wrap_run_ids"] = wraps
     elif step == "register" and "evaluate" in upstream:
@@ -132,7 +130,7 @@ def step_batches(steps: list[str], parallel: bool) -> list[list[str]]:
     """The steps in order, grouped into what runs at the same time."""
     batches: list[list[str]] = []
     for step in steps:
-        if parallel and step in CONCURRENT_STEPS and batches and batches[-1][0] in CONCURRENT_STEPS:
+        if parallel and step in WRAP_STEPS and batches and batches[-1][0] in WRAP_STEPS:
             batches[-1].append(step)
         else:
             batches.append([step])
@@ -198,7 +196,7 @@ def pipeline_steps(cfg: PipelineConfig) -> list[str]:
     steps = [s for s in STEP_ORDER if s in cfg.main.steps]
     if "wrap_onnx" in steps and cfg.resolved_onnx_source is OnnxSource.prebuilt:
         # Before both wraps, so that they stay side by side when they run at the same time.
-        first_wrap = min(steps.index(s) for s in CONCURRENT_STEPS if s in steps)
+        first_wrap = min(steps.index(s) for s in WRAP_STEPS if s in steps)
         steps.insert(first_wrap, "fetch_onnx")
     return steps
 
@@ -268,7 +266,7 @@ def _summarize(upstream: dict[str, str]) -> None:
     """Record the lineage on the parent run and say where to look."""
     client = MlflowClient()
     tags = {}
-    for step in ("wrap_transformers", "wrap_onnx"):
+    for step in WRAP_STEPS:
         if step in upstream:
             child = client.get_run(upstream[step]).data.tags
             tags[f"main.model_uri.{child['model.runtime']}"] = child["model.uri"]

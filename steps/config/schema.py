@@ -282,7 +282,10 @@ class RegisterConfig:
             raise ValueError(f"register.max_p95_latency_s={self.max_p95_latency_s} must be > 0")
 
 
-STEP_ORDER = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register")
+# The pipeline's steps, in order: the one list (MLproject has one entry point for each). Each
+# runtime has its wrap step, `wrap_<runtime>`; the two need only fetch's run.
+WRAP_STEPS = tuple(f"wrap_{runtime}" for runtime in Runtime)
+STEP_ORDER = ("fetch", *WRAP_STEPS, "evaluate", "register")
 
 
 @dataclass

@@ -85,6 +85,10 @@ class OnnxChatModel(PythonModel):
     def load_context(self, context) -> None:
         import onnxruntime_genai as og
 
+        # onnxruntime-genai's usage telemetry is on by default and writes a session file into
+        # the temp folder of every process that opens a model; a served model should neither
+        # report on its users nor leave files behind. Set ORT_DISABLE_TELEMETRY=0 to allow it.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         settings = context.model_config
         self._model_name = settings["model_name"]
         self._defaults = settings["generation"]
