@@ -71,12 +71,16 @@ def config_overrides(
 
     A schema field (a path in `schema`) that the recorded config lacks is left alone rather
     than removed: no override can remove one, so the run was made by code from before the
-    field existed, and at its commit the field does not exist either."""
+    field existed, and at its commit the field does not exist either. The other way round, a
+    recorded key that today's schema no longer has at a schema level (not in a free dict) was
+    a field at the run's commit (the schema rejects unknown keys), so it is set there, not
+    added with `+` (which Hydra refuses for a key that exists)."""
     overrides = []
+    schema_level = any(f"{prefix}{key}" in schema for key in defaults)
     for key, value in recorded.items():
         path = f"{prefix}{key}"
         if key not in defaults:
-            overrides.append(f"+{path}={hydra_value(value)}")
+            overrides.append(f"{'' if schema_level else '+'}{path}={hydra_value(value)}")
         elif isinstance(value, dict) and isinstance(defaults[key], dict):
             overrides += config_overrides(value, defaults[key], schema, f"{path}.")
         elif value != defaults[key]:

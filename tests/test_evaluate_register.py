@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from mlflow import MlflowClient
 
 from steps.config.compose import compose_config
 from steps.config.schema import Choice, Runtime
@@ -135,3 +136,15 @@ def test_evaluate_defaults_to_the_latest_wrap_runs(wrapped, compose) -> None:
     assert [EvaluatedModel.from_dict(c).model for c in candidates] == result.candidates
     assert run.data.metrics["parity"] == 1.0
     assert run.data.tags["evaluate.dataset"] == "chat-basics-v1"
+
+
+def test_a_wrap_run_recorded_before_the_runtime_names_is_refused_by_name(tracking_uri) -> None:
+    client = MlflowClient()
+    old = client.create_run(
+        client.create_experiment("before"),
+        tags={"pipeline.step": "wrap_onnx", "model.runtime": "onnxruntime-genai",
+              "model.uri": "models:/m-0123"},
+    )  # fmt: skip
+    with pytest.raises(PipelineError, match=r"wrap_onnx\)$") as error:
+        LoggedChatModel.from_run(client.get_run(old.info.run_id))
+    assert old.info.run_id in str(error.value) and "'onnxruntime-genai'" in str(error.value)

@@ -49,6 +49,17 @@ def test_overrides_compose_the_recorded_config_again(overrides: tuple[str, ...])
     assert _resolved(f"model={model}", f"compute={compute}", *rebuilt) == recorded
 
 
+def test_a_field_the_schema_has_dropped_since_the_run_is_set_not_added() -> None:
+    """model.chat was a schema field (with a config group) until it was removed: at the run's
+    commit it exists, so `+model.chat=...` would fail there."""
+    recorded = _resolved("+wrap.onnx_builder_options.block_size=64")
+    recorded["model"]["chat"] = {"template_style": "chatml", "supports_system_role": True}
+    defaults, schema = default_config("smollm2-135m", "cpu")
+    rebuilt = config_overrides(recorded, defaults, schema)
+    assert "model.chat={template_style:'chatml',supports_system_role:true}" in rebuilt
+    assert "+wrap.onnx_builder_options.block_size='64'" in rebuilt
+
+
 def test_a_run_from_before_a_schema_field_existed_is_not_asked_to_remove_it() -> None:
     """At the run's commit the field does not exist, so `~field` would fail there; a removed
     entry of a free dict is still removed."""

@@ -15,6 +15,7 @@ from typing import Any
 from mlflow.entities import Run
 
 from steps.config.schema import Runtime, model_label
+from steps.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class LoggedChatModel:
     @classmethod
     def from_run(cls, run: Run) -> LoggedChatModel:
         tags = run.data.tags
+        runtimes = [runtime.value for runtime in Runtime]
+        if tags.get("model.runtime") not in runtimes or "model.precision" not in tags:
+            raise PipelineError(
+                f"wrap run {run.info.run_id} records model.runtime="
+                f"{tags.get('model.runtime')!r} and no model.precision, as runs made before "
+                f"runtimes were named {' or '.join(runtimes)} did: wrap the model again "
+                f"(mlflow run . -e {tags.get('pipeline.step', 'wrap_onnx')})"
+            )
         return cls(
             Runtime(tags["model.runtime"]), tags["model.precision"], tags["model.uri"],
             run.info.run_id,
