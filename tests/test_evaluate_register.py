@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
+from steps import register
 from steps.config.compose import compose_config
 from steps.config.schema import Choice, Runtime
 from steps.errors import PipelineError
@@ -148,3 +149,30 @@ def test_a_wrap_run_recorded_before_the_runtime_names_is_refused_by_name(trackin
     with pytest.raises(PipelineError, match=r"wrap_onnx\)$") as error:
         LoggedChatModel.from_run(client.get_run(old.info.run_id))
     assert old.info.run_id in str(error.value) and "'onnxruntime-genai'" in str(error.value)
+
+
+def test_register_run_chooses_gates_and_names_without_mlflow(compose) -> None:
+    candidates = [
+        _evaluated(Runtime.transformers, "fp32", 0.4, 15.0),
+        _evaluated(Runtime.onnx, "int4", 0.1, 80.0),
+    ]
+    result = register.run(compose("register.choose=onnx"), candidates)
+    assert result.chosen.model.label == "onnx-int4"
+    assert result.registered_name == "smollm2-135m-onnx-cpu"
+    assert result.gate.startswith("failed: accuracy 0.100 < min_accuracy")
+    passed = register.run(compose("model=phi3-mini-4k", "compute=k8s-cuda"), candidates)
+    assert passed.gate == "passed" and passed.registered_name == "phi3-mini-4k-transformers-cuda"
+
+
+def test_evaluate_run_needs_no_mlflow_run(wrapped, compose) -> None:
+    import mlflow
+
+    from steps import evaluate
+
+    cfg = compose(*wrapped.overrides, "evaluate.max_items=2")
+    onnx = LoggedChatModel(Runtime.onnx, "fp32", wrapped.onnx_uri, None)
+    result = evaluate.run(cfg, [onnx])
+    assert mlflow.active_run() is None
+    assert [r.label for r in result.results] == ["onnx-fp32"]
+    assert len(result.item_rows()) == 2 and "onnx-fp32.accuracy" in result.metrics
+    assert "parity" not in result.metrics  # one candidate: nothing to compare
