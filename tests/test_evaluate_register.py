@@ -170,6 +170,7 @@ def test_evaluate_run_needs_no_mlflow_run(wrapped, compose) -> None:
     from steps import evaluate
 
     cfg = compose(*wrapped.overrides, "evaluate.max_items=2")
+    mlflow.set_tracking_uri(wrapped.tracking_uri)  # the store that holds the model
     onnx = LoggedChatModel(Runtime.onnx, "fp32", wrapped.onnx_uri, None)
     result = evaluate.run(cfg, [onnx])
     assert mlflow.active_run() is None
