@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import mlflow
 import mlflow.projects
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from mlflow.projects import ExecutionException, SubmittedRun
 from omegaconf import DictConfig, OmegaConf
 
@@ -238,10 +239,17 @@ def run(
                 failures.append(str(error))
         if failures:
             raise PipelineError("; ".join(failures))
-        client = MlflowClient()
-        for step in batch:
-            client.set_tag(parent_id, f"main.{step}.run_id", upstream[step])
-            client.set_tag(parent_id, f"main.{step}.reused", str(step in reused_steps).lower())
+        lineage = {
+            tag: value
+            for step in batch
+            for tag, value in (
+                (f"main.{step}.run_id", upstream[step]),
+                (f"main.{step}.reused", str(step in reused_steps).lower()),
+            )
+        }
+        MlflowClient().log_batch(
+            parent_id, tags=[RunTag(tag, value) for tag, value in lineage.items()]
+        )
     return MainResult(upstream, reused_steps)
 
 

@@ -38,7 +38,7 @@ from steps.onnx.build import build_inputs, build_onnx, build_precision
 from steps.serving.chat import CHAT_EXAMPLE, chat_signature
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
-from steps.tracking.models import LoggedChatModel, WrapResult, model_tags
+from steps.tracking.models import LoggedChatModel, WrapResult, log_wrap_result, model_tags
 from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,5 @@ def main(cfg: PipelineConfig) -> WrapResult:
         check_provider(cfg.compute)
         fetched = fetched_snapshot(cfg, active.info.experiment_id, fetch_artifact(cfg))
         result = run(cfg, fetched)
-        for path, text in result.texts.items():
-            mlflow.log_text(text, path)
-        mlflow.set_tags(result.tags)
-        mlflow.log_metrics(result.metrics)
+        log_wrap_result(result)
         return result

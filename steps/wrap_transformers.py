@@ -31,7 +31,7 @@ from steps.errors import PipelineError
 from steps.serving.chat import CHAT_EXAMPLE
 from steps.sources.snapshots import FetchOutcome
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
-from steps.tracking.models import LoggedChatModel, WrapResult, model_tags
+from steps.tracking.models import LoggedChatModel, WrapResult, log_wrap_result, model_tags
 from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,5 @@ def main(cfg: PipelineConfig) -> WrapResult:
     with step_run("wrap_transformers", cfg) as active:
         check_device(cfg.compute)
         result = run(cfg, fetched_snapshot(cfg, active.info.experiment_id))
-        mlflow.set_tags(result.tags)
-        mlflow.log_metrics(result.metrics)
+        log_wrap_result(result)
         return result

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import mlflow
 from mlflow.entities import Run
 
 from steps.config.schema import Runtime, model_label
@@ -55,6 +56,14 @@ class WrapResult:
     tags: dict[str, str]  # the logged model's own tags plus `model.uri` and step details
     metrics: dict[str, float]
     texts: dict[str, str] = dataclasses.field(default_factory=dict)  # artifact path -> text
+
+
+def log_wrap_result(result: WrapResult) -> None:
+    """Record what a wrap step logged on its (active) run."""
+    for path, text in result.texts.items():
+        mlflow.log_text(text, path)
+    mlflow.set_tags(result.tags)
+    mlflow.log_metrics(result.metrics)
 
 
 def model_tags(
