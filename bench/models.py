@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 from steps import main as pipeline
 from steps.config.compose import compose_config
 from steps.config.schema import PipelineConfig, Runtime, SourceKind, model_label
-from steps.onnx.build import build_inputs, build_onnx, build_precision
+from steps.config.onnx_builds import OnnxBuildSpec, parse_build_spec
+from steps.onnx.build import build_inputs, build_onnx
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import fetched_snapshot
 
@@ -41,11 +42,7 @@ class BenchModels:
     @property
     def onnx_variant(self) -> str:
         """The variant the wrap_onnx model was built as, in `variant` notation."""
-        options = self.cfg.wrap.onnx_builder_options
-        precision = self.cfg.compute.onnx_precision.value
-        return precision + (
-            ":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""
-        )
+        return self.cfg.onnx_build.spec
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,25 +99,24 @@ def bench_models(model: str, compute: str, store: Path = DEFAULT_STORE) -> Bench
     )
 
 
-def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
-    """`int4:algo_config=k_quant_last` -> ("int4", {"algo_config": "k_quant_last"})."""
-    precision, _, rest = variant.partition(":")
-    items = [item for item in rest.split(",") if item]
-    if any("=" not in item for item in items):
-        raise SystemExit(f"variant {variant!r}: write builder options as option=value")
-    return precision, dict(item.split("=", 1) for item in items)
+def parse_variant(variant: str) -> OnnxBuildSpec:
+    """A --variants entry, checked as the pipeline checks compute.onnx_candidates."""
+    try:
+        return parse_build_spec(variant, "--variants")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def variant_label(variant: str) -> str:
     """The label the wrap_onnx step gives the same build: `onnx-int4-k_quant_last`."""
-    return model_label(Runtime.onnx, build_precision(*parse_variant(variant)))
+    return model_label(Runtime.onnx, parse_variant(variant).name)
 
 
 def onnx_build(models: BenchModels, variant: str) -> Path:
     """The folder of an ONNX build of the bench snapshot (built once, then cached)."""
-    precision, options = parse_variant(variant)
+    build = parse_variant(variant)
     inputs = build_inputs(
-        models.snapshot_id, precision, models.cfg.compute.onnx_provider.value, options
+        models.snapshot_id, build.precision, models.cfg.compute.onnx_provider.value, build.options
     )
     store = SnapshotStore.open(models.cfg.fetch.cache_dir)
     return build_onnx(models.cfg.model.name, models.snapshot_dir, inputs, store).model_dir

@@ -1,22 +1,30 @@
-"""Entry point `evaluate`: ask the wrapped models every item of the evaluation set, side by side.
+"""Entry point `evaluate`: every candidate side by side, on task accuracy, speed and fidelity to
+a reference.
 
-Candidates are wrap runs: by default the latest finished wrap_transformers and wrap_onnx runs
-of this model variant and compute target, or any list in `evaluate.wrap_run_ids`. Each is
-loaded through `mlflow.pyfunc.load_model` and measured on quality and speed.
+Candidates are wrap runs: by default the latest finished wrap_transformers run and, for each
+`compute.onnx_candidates` build, the latest finished wrap_onnx run of that build, of this model
+variant and compute target; or any list in `evaluate.wrap_run_ids`. The reference
+(`evaluate.reference`, default the transformers model) is one of them. Each candidate is asked
+the evaluation set through `mlflow.pyfunc.load_model` (steps.evaluation.measure), and scored
+teacher-forced against the reference on the fidelity text (steps.evaluation.fidelity).
 
 Run artifacts: `eval/items.json` (per item: question, each model's answer, correct or not,
-latency), `eval/summary.json` and `eval/summary.md` (per model), `eval/comparison.png`,
-`eval/candidates.json` (what register reads), `config.yaml`. The evaluation set is the run's
-dataset input. Metrics, per candidate label (`transformers-fp32`, `onnx-fp32`, ...):
-`<label>.accuracy`, `.latency_mean_s`, `.latency_p50_s`, `.latency_p95_s`, `.ttft_mean_s`
-(streaming models), `.tokens_per_s`, `.prompt_tokens`, `.completion_tokens`, `.peak_rss_mb`,
-`.load_seconds`, `.errors`, and `parity` (share of items where all models gave the same
-answer). The per-item scores also go through `mlflow.genai.evaluate`, so they show in the
-MLflow UI's evaluation view.
+latency), `eval/summary.json` and `eval/summary.md` (per model, with the register policy's
+verdict), `eval/comparison.png`, `eval/speed_vs_fidelity.png`, `eval/candidates.json` (what
+register reads), `config.yaml`. The evaluation set and the fidelity text are the run's dataset
+inputs; tag `evaluate.reference` names the reference. Metrics, per candidate label
+(`transformers-fp32`, `onnx-int4-k_quant_last`, ...): `<label>.accuracy` with
+`.accuracy_ci_low`/`_high` (95% Wilson), `.flips_lost`, `.flips_gained`, `.mcnemar_p` (against
+the reference), `.kld_mean`, `.kld_p99`, `.kld_max`, `.top1_agreement` (with its interval),
+`.ppl`, `.ppl_ratio`, `.delta_p_rms`, `.latency_p50_s`, `.latency_p95_s`, `.ttft_mean_s`,
+`.tokens_per_s`, `.peak_rss_mb`, ..., and `parity` (share of items where all models gave the
+same answer). Each candidate's metrics are also logged on its own LoggedModel, and the per-item
+scores go through `mlflow.genai.evaluate`, so MLflow's UI compares them without our artifacts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -28,21 +36,26 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from steps.config.schema import WRAP_STEPS, PipelineConfig
+from steps.config.compose import project_path
+from steps.config.schema import WRAP_STEPS, PipelineConfig, Runtime
 from steps.errors import PipelineError
+from steps.evaluation import fidelity
 from steps.evaluation.evalset import EvalSet, answer_matches, load_eval_set
+from steps.evaluation.fidelity import FidelityText, load_fidelity_text
 from steps.evaluation.measure import CandidateResult, evaluate_candidate
 from steps.evaluation.report import (
     comparison_chart,
+    flips,
     genai_rows,
     parity,
     per_item_rows,
+    speed_fidelity_chart,
     summarize,
     summary_markdown,
 )
+from steps.evaluation.selection import Selection, fastest_faithful
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel, LoggedChatModel
-from steps.tracking.provenance import PROJECT_ROOT
 from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
@@ -51,9 +64,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EvaluateResult:
     eval_set: EvalSet
+    fidelity_text: FidelityText
+    reference: str  # the label of the candidate the others are compared with
     candidates: list[LoggedChatModel]
     results: list[CandidateResult]  # per candidate, in the same order
     summaries: dict[str, dict[str, float]]  # label -> summary
+    selection: Selection  # what register's fastest_faithful policy would choose
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -94,7 +110,17 @@ def find_candidates(cfg: PipelineConfig, experiment_id: str) -> list[LoggedChatM
             for run_id in cfg.evaluate.wrap_run_ids
         ]
     else:
-        found = [latest_finished_run(cfg, experiment_id, step) for step in WRAP_STEPS]
+        scope = (
+            f"tags.`pipeline.model` = '{cfg.model.name}' and "
+            f"tags.`pipeline.compute` = '{cfg.compute.name}'"
+        )
+        found = [
+            latest_finished_run(
+                cfg, experiment_id, f"wrap_{runtime.value}",
+                f"{scope} and tags.`model.label` = '{label}'",
+            )
+            for runtime, label in cfg.planned_candidates
+        ]  # fmt: skip
         runs = [run for run in found if run is not None]
     if not runs:
         raise PipelineError(
@@ -106,67 +132,138 @@ def find_candidates(cfg: PipelineConfig, experiment_id: str) -> list[LoggedChatM
 
 
 def dataset_path(cfg: PipelineConfig) -> Path:
-    """evaluate.dataset, relative to the repository root unless absolute."""
-    path = Path(cfg.evaluate.dataset)
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    return project_path(cfg.evaluate.dataset)
+
+
+def reference_of(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> LoggedChatModel:
+    wanted = cfg.reference_label
+    for candidate in candidates:
+        if candidate.label == wanted:
+            return candidate
+    raise PipelineError(
+        f"evaluate.reference={wanted} is not among the candidates "
+        f"({', '.join(c.label for c in candidates)}): wrap it, or name one of those"
+    )
+
+
+def score_fidelity(
+    cfg: PipelineConfig, text: FidelityText, reference: LoggedChatModel,
+    candidates: list[LoggedChatModel],
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """All candidates loaded at once, so that the reference runs each window once."""
+    with contextlib.ExitStack() as stack:
+        models = {
+            c.label: stack.enter_context(fidelity.loaded(c.runtime.value, c.model_uri))
+            for c in candidates
+        }
+        stream = fidelity.token_stream(text, models[reference.label])
+        windows = fidelity.windows(
+            stream, cfg.evaluate.fidelity.window, cfg.evaluate.fidelity.scored_tokens
+        )
+        log.info(
+            "fidelity: %d windows of %d tokens from %s (%d tokens), against %s",
+            len(windows), cfg.evaluate.fidelity.window, text.name, len(stream), reference.label,
+        )  # fmt: skip
+        return fidelity.score(models[reference.label], models, windows)
 
 
 def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResult:
-    """Ask every candidate the evaluation set and summarize; needs the store that holds the
-    models, not an open run."""
+    """Ask every candidate the evaluation set, score it against the reference and summarize;
+    needs the store that holds the models, not an open run."""
     eval_set = load_eval_set(dataset_path(cfg), cfg.evaluate.max_items)
+    text = load_fidelity_text(project_path(cfg.evaluate.fidelity.text))
+    reference = reference_of(cfg, candidates)
     log.info(
-        "evaluating %s on %s (%d items)",
-        ", ".join(c.label for c in candidates),
-        eval_set.name,
-        len(eval_set.items),
-    )
+        "evaluating %s on %s (%d items), against %s",
+        ", ".join(c.label for c in candidates), eval_set.name, len(eval_set.items),
+        reference.label,
+    )  # fmt: skip
+    # Fidelity first: it checks the text against the tokenizer before minutes of asking.
+    scores = score_fidelity(cfg, text, reference, candidates)
+    evaluation = cfg.evaluate
     results = [
-        evaluate_candidate(c.label, c.model_uri, eval_set, cfg.evaluate.max_new_tokens)
+        evaluate_candidate(
+            c.label, c.model_uri, eval_set, evaluation.max_new_tokens, evaluation.timed_items,
+            evaluation.concurrency if c.runtime is Runtime.onnx else 1,
+        )
         for c in candidates
-    ]
-    summaries = {result.label: summarize(result) for result in results}
-    log.info("evaluation summary:\n%s", summary_markdown(summaries))
-    return EvaluateResult(eval_set, candidates, results, summaries)
+    ]  # fmt: skip
+    by_label = {result.label: result for result in results}
+    summaries = {
+        label: summarize(result) | flips(by_label[reference.label], result) | scores[label]
+        for label, result in by_label.items()
+    }
+    selection = fastest_faithful(summaries, reference.label, cfg.register)
+    log.info("evaluation summary:\n%s", summary_markdown(summaries, selection))
+    return EvaluateResult(
+        eval_set, text, reference.label, candidates, results, summaries, selection
+    )
 
 
-def log_dataset(eval_set: EvalSet) -> None:
+def log_datasets(eval_set: EvalSet, text: FidelityText) -> None:
     frame = pd.DataFrame(
         [{"id": i.id, "question": i.question, "reference": i.reference} for i in eval_set.items]
     )
     dataset = mlflow.data.from_pandas(frame, source=str(eval_set.path), name=eval_set.name)
     mlflow.log_input(dataset, context="evaluation")
-    mlflow.set_tags({"evaluate.dataset": eval_set.name, "evaluate.dataset_sha256": eval_set.sha256})
+    documents = pd.DataFrame(
+        [{"id": d.id, "kind": d.kind, "sha256": text.sha256} for d in text.documents]
+    )
+    mlflow.log_input(
+        mlflow.data.from_pandas(documents, source=str(text.path), name=text.name),
+        context="fidelity",
+    )
+    mlflow.set_tags(
+        {
+            "evaluate.dataset": eval_set.name,
+            "evaluate.dataset_sha256": eval_set.sha256,
+            "evaluate.fidelity_text": text.name,
+            "evaluate.fidelity_text_sha256": text.sha256,
+        }
+    )
 
 
-def log_genai_evaluation(eval_set: EvalSet, result: CandidateResult, model_uri: str) -> None:
-    """The per-item verdicts through MLflow's own evaluation, so they show in the UI's
-    evaluation view and on the LoggedModel; one nested run per model keeps metrics apart."""
+def log_candidate(
+    eval_set: EvalSet, result: CandidateResult, model_uri: str, summary: dict[str, float]
+) -> None:
+    """The candidate's summary on its own LoggedModel (so MLflow's model list and
+    `mlflow.search_logged_models` compare the builds), and its per-item verdicts through
+    MLflow's own evaluation (the UI's evaluation view); one nested run per model keeps the
+    unprefixed metrics apart."""
     # The default 10 workers overflow SQLite's connection pool and drop trace links.
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
+    model_id = model_uri.removeprefix("models:/")
     with mlflow.start_run(run_name=f"genai-evaluate-{result.label}", nested=True):
         mlflow.set_tag("pipeline.step", "evaluate.genai")
+        mlflow.log_metrics(summary, model_id=model_id)
         mlflow.genai.evaluate(
-            data=genai_rows(eval_set, result),
-            scorers=[answer_matches],
-            model_id=model_uri.removeprefix("models:/"),
+            data=genai_rows(eval_set, result), scorers=[answer_matches], model_id=model_id
         )
 
 
 def log_result(result: EvaluateResult) -> None:
-    log_dataset(result.eval_set)
+    log_datasets(result.eval_set, result.fidelity_text)
+    mlflow.set_tag("evaluate.reference", result.reference)
     mlflow.log_metrics(result.metrics)
     mlflow.log_table(pd.DataFrame(result.item_rows()), "eval/items.json")
     summary_frame = pd.DataFrame(result.summaries).T.rename_axis("model").reset_index()
+    summary_frame["verdict"] = summary_frame["model"].map(result.selection.reasons)
     mlflow.log_table(summary_frame, "eval/summary.json")
-    mlflow.log_text(summary_markdown(result.summaries), "eval/summary.md")
+    mlflow.log_text(summary_markdown(result.summaries, result.selection), "eval/summary.md")
     mlflow.log_dict([e.to_dict() for e in result.evaluated], "eval/candidates.json")
     with tempfile.TemporaryDirectory() as scratch:
-        chart = Path(scratch) / "comparison.png"
-        comparison_chart(result.summaries, chart)
-        mlflow.log_artifact(str(chart), "eval")
+        comparison, speed = (
+            Path(scratch) / "comparison.png",
+            Path(scratch) / "speed_vs_fidelity.png",
+        )
+        comparison_chart(result.summaries, comparison)
+        speed_fidelity_chart(result.summaries, result.selection, speed)
+        mlflow.log_artifact(str(comparison), "eval")
+        mlflow.log_artifact(str(speed), "eval")
     for candidate, measured in zip(result.candidates, result.results, strict=True):
-        log_genai_evaluation(result.eval_set, measured, candidate.model_uri)
+        log_candidate(
+            result.eval_set, measured, candidate.model_uri, result.summaries[candidate.label]
+        )
 
 
 def main(cfg: PipelineConfig) -> EvaluateResult:

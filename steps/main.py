@@ -1,7 +1,8 @@
 """Entry point `main`: the whole pipeline as child runs under one parent run.
 
-fetch -> wrap_transformers + wrap_onnx -> evaluate -> register, with the same model and compute
-choices and overrides for all, each step handed the run ids of the steps before it. Like MLflow's
+fetch -> wrap_transformers + one wrap_onnx per `compute.onnx_candidates` build -> evaluate ->
+register, with the same model and compute choices and overrides for all, each step handed the
+run ids of the steps before it (each wrap_onnx also its build, as `wrap.onnx_build`). Like MLflow's
 multistep_workflow example, a step whose inputs match an earlier FINISHED run is reused instead
 of rerun: same entry point, same git commit (and local changes), same resolved step config,
 which includes the upstream run ids. Reuse is decided here, in the parent, with one search per
@@ -10,12 +11,14 @@ subset (the others resolve to their latest runs, as when a step is run alone).
 
 Where the steps run is compute.backend: child processes here (local), or one Kubernetes Job per
 step through MLflow's Kubernetes backend (compute=k8s-cpu, k8s-cuda), checked before the first
-step. wrap_transformers and wrap_onnx need only fetch's run, so they are submitted together and
-waited for before evaluate where each gets its own machine (kubernetes), or where
-main.parallel=true asks for it locally.
+step. The wraps need only fetch's run, so they are submitted together and waited for before
+evaluate where each gets its own machine (kubernetes), or where main.parallel=true asks for it
+locally.
 
-Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, `main.model_uri.<runtime>`
-(`transformers`, `onnx`), `main.registered` (name, version and alias).
+Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, where a wrap_onnx step
+is named after its build (`main.wrap_onnx.int8.run_id`; the prebuilt export's is plain
+`wrap_onnx`), `main.model_uri.<label>` (`transformers-fp32`, `onnx-int8`, ...),
+`main.registered` (name, version and alias).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from steps.backends import kubernetes as kubernetes_backend
 from steps.backends.kubernetes import KubernetesTarget
-from steps.config.compose import config_digest, to_typed
+from steps.config.compose import config_digest, project_path, to_typed
+from steps.config.onnx_builds import OnnxBuildSpec
 from steps.config.schema import (
     STEP_ORDER,
     WRAP_STEPS,
@@ -47,27 +51,41 @@ from steps.config.schema import (
     PipelineConfig,
 )
 from steps.errors import PipelineError
+from steps.evaluation.evalset import load_eval_set
+from steps.evaluation.fidelity import check_fills_a_window, load_fidelity_text
 from steps.tracking.provenance import PROJECT_ROOT, git_diff_sha256, git_state
 from steps.tracking.runs import check_tracking_server, step_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
 
-def upstream_settings(step: str, upstream: dict[str, str]) -> dict[str, str | list[str]]:
+@dataclass(frozen=True)
+class Step:
+    """One child run of the pipeline: an entry point, and for a wrap_onnx its build."""
+
+    name: str  # as the parent's tags name it: fetch, wrap_onnx.int8, ...
+    entry: str  # the MLproject entry point
+    build: OnnxBuildSpec | None = None
+
+
+def upstream_settings(step: Step, upstream: dict[str, str]) -> dict[str, str | list[str]]:
     """The config keys that hand a step the run ids it builds on (from this pipeline run)."""
     settings: dict[str, str | list[str]] = {}
     onnx_input = upstream.get("fetch_onnx", upstream.get("fetch"))
-    if step == "fetch_onnx":
+    if step.name == "fetch_onnx":
         settings["fetch.artifact"] = FetchArtifact.prebuilt_onnx.value
-    elif step == "wrap_transformers" and "fetch" in upstream:
+    elif step.entry == "wrap_transformers" and "fetch" in upstream:
         settings["wrap.fetch_run_id"] = upstream["fetch"]
-    elif step == "wrap_onnx" and onnx_input:
-        settings["wrap.fetch_run_id"] = onnx_input
-    elif step == "evaluate":
-        wraps = [upstream[s] for s in WRAP_STEPS if s in upstream]
+    elif step.entry == "wrap_onnx":
+        if onnx_input:
+            settings["wrap.fetch_run_id"] = onnx_input
+        if step.build is not None:
+            settings["wrap.onnx_build"] = step.build.spec
+    elif step.entry == "evaluate":
+        wraps = [run_id for name, run_id in upstream.items() if _entry_of(name) in WRAP_STEPS]
         if wraps:
             settings["evaluate.wrap_run_ids"] = wraps
-    elif step == "register" and "evaluate" in upstream:
+    elif step.entry == "register" and "evaluate" in upstream:
         settings["register.evaluate_run_id"] = upstream["evaluate"]
     return settings
 
@@ -127,11 +145,11 @@ def reusable_run(step: str, config_sha256: str, experiment_id: str) -> str | Non
     return runs[0].info.run_id if runs else None
 
 
-def step_batches(steps: list[str], parallel: bool) -> list[list[str]]:
+def step_batches(steps: list[Step], parallel: bool) -> list[list[Step]]:
     """The steps in order, grouped into what runs at the same time."""
-    batches: list[list[str]] = []
+    batches: list[list[Step]] = []
     for step in steps:
-        if parallel and step in WRAP_STEPS and batches and batches[-1][0] in WRAP_STEPS:
+        if parallel and step.entry in WRAP_STEPS and batches and batches[-1][0].entry in WRAP_STEPS:
             batches[-1].append(step)
         else:
             batches.append([step])
@@ -139,7 +157,7 @@ def step_batches(steps: list[str], parallel: bool) -> list[list[str]]:
 
 
 def submit_child(
-    step: str,
+    step: Step,
     cfg: PipelineConfig,
     overrides: list[str],
     experiment_id: str,
@@ -161,15 +179,15 @@ def submit_child(
             os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
             return mlflow.projects.run(
                 uri=str(PROJECT_ROOT),
-                entry_point=_entry(step),
+                entry_point=step.entry,
                 parameters=parameters,
                 env_manager="local",
                 experiment_id=experiment_id,
                 synchronous=False,
             )
-        return kubernetes_backend.submit(target, _entry(step), parameters, experiment_id)
+        return kubernetes_backend.submit(target, step.entry, parameters, experiment_id)
     except ExecutionException as error:
-        raise PipelineError(f"step {step} could not start: {error}") from None
+        raise PipelineError(f"step {step.name} could not start: {error}") from None
 
 
 def wait_for_child(step: str, submitted: SubmittedRun, parent_id: str) -> str:
@@ -192,14 +210,29 @@ class MainResult:
     reused: list[str]  # the steps whose earlier runs were reused
 
 
-def pipeline_steps(cfg: PipelineConfig) -> list[str]:
-    """main.steps in pipeline order, with the prebuilt export's fetch where wrap_onnx uses it."""
-    steps = [s for s in STEP_ORDER if s in cfg.main.steps]
-    if "wrap_onnx" in steps and cfg.resolved_onnx_source is OnnxSource.prebuilt:
-        # Before both wraps, so that they stay side by side when they run at the same time.
-        first_wrap = min(steps.index(s) for s in WRAP_STEPS if s in steps)
-        steps.insert(first_wrap, "fetch_onnx")
+def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
+    """main.steps in pipeline order: one wrap_onnx per ONNX build, and the prebuilt export's
+    fetch where wrap_onnx uses the export."""
+    steps: list[Step] = []
+    for entry in (s for s in STEP_ORDER if s in cfg.main.steps):
+        if entry != "wrap_onnx":
+            steps.append(Step(entry, entry))
+        elif cfg.resolved_onnx_source is OnnxSource.prebuilt:
+            # Before every wrap, so that the wraps stay side by side when they run together.
+            first_wrap = next((i for i, s in enumerate(steps) if s.entry in WRAP_STEPS), len(steps))
+            steps.insert(first_wrap, Step("fetch_onnx", "fetch"))
+            steps.append(Step(entry, entry))
+        else:
+            steps += [Step(f"{entry}.{b.name}", entry, b) for b in cfg.onnx_candidates]
     return steps
+
+
+def check_evaluation_inputs(cfg: PipelineConfig) -> None:
+    """evaluate's files, read before any step starts, so that a missing or broken one fails in
+    seconds instead of after the builds."""
+    load_eval_set(project_path(cfg.evaluate.dataset))
+    text = load_fidelity_text(project_path(cfg.evaluate.fidelity.text))
+    check_fills_a_window(text, cfg.evaluate.fidelity.window)
 
 
 def run(
@@ -210,6 +243,15 @@ def run(
 ) -> MainResult:
     """Run or reuse each step as a child of the parent run, recording the lineage on it as each
     batch of steps finishes."""
+    if cfg.wrap.onnx_builder_options or cfg.wrap.onnx_build:
+        raise PipelineError(
+            "main builds every compute.onnx_candidates entry, so wrap.onnx_builder_options and "
+            "wrap.onnx_build are for a wrap_onnx run alone: put the build in "
+            "compute.onnx_candidates instead (e.g. 'compute.onnx_candidates=[fp32,"
+            '"int4:algo_config=k_quant_last"]\')'
+        )
+    if "evaluate" in cfg.main.steps:
+        check_evaluation_inputs(cfg)
     experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
     parallel = cfg.main.parallel if cfg.main.parallel is not None else target is not None
     upstream: dict[str, str] = {}
@@ -222,19 +264,21 @@ def run(
         for step in batch:
             settings = upstream_settings(step, upstream)
             digest = step_config_sha256(base, settings)
-            reused = None if cfg.main.rerun else reusable_run(_entry(step), digest, experiment_id)
+            reused = None if cfg.main.rerun else reusable_run(step.entry, digest, experiment_id)
             if reused:
-                log.info("step %s: reusing run %s (same commit, config, upstream)", step, reused)
-                upstream[step] = reused
-                reused_steps.append(step)
+                log.info(
+                    "step %s: reusing run %s (same commit, config, upstream)", step.name, reused
+                )
+                upstream[step.name] = reused
+                reused_steps.append(step.name)
             else:
-                log.info("step %s: running (%s backend)", step, cfg.compute.backend.name.value)
+                log.info("step %s: running (%s backend)", step.name, cfg.compute.backend.name.value)
                 overrides = forwarded + as_overrides(settings)
-                submitted[step] = submit_child(step, cfg, overrides, experiment_id, target)
+                submitted[step.name] = submit_child(step, cfg, overrides, experiment_id, target)
         failures = []
-        for step, child in submitted.items():
+        for name, child in submitted.items():
             try:
-                upstream[step] = wait_for_child(step, child, parent_id)
+                upstream[name] = wait_for_child(name, child, parent_id)
             except PipelineError as error:
                 failures.append(str(error))
         if failures:
@@ -243,8 +287,8 @@ def run(
             tag: value
             for step in batch
             for tag, value in (
-                (f"main.{step}.run_id", upstream[step]),
-                (f"main.{step}.reused", str(step in reused_steps).lower()),
+                (f"main.{step.name}.run_id", upstream[step.name]),
+                (f"main.{step.name}.reused", str(step.name in reused_steps).lower()),
             )
         }
         MlflowClient().log_batch(
@@ -266,18 +310,19 @@ def main(cfg: PipelineConfig, forwarded: list[str]) -> MainResult:
         return result
 
 
-def _entry(step: str) -> str:
-    return "fetch" if step == "fetch_onnx" else step
+def _entry_of(name: str) -> str:
+    """The entry point of a step named in the parent's tags (wrap_onnx.int8 -> wrap_onnx)."""
+    return "fetch" if name == "fetch_onnx" else name.partition(".")[0]
 
 
 def _summarize(upstream: dict[str, str]) -> None:
     """Record the lineage on the parent run and say where to look."""
     client = MlflowClient()
     tags = {}
-    for step in WRAP_STEPS:
-        if step in upstream:
-            child = client.get_run(upstream[step]).data.tags
-            tags[f"main.model_uri.{child['model.runtime']}"] = child["model.uri"]
+    for name, run_id in upstream.items():
+        if _entry_of(name) in WRAP_STEPS:
+            child = client.get_run(run_id).data.tags
+            tags[f"main.model_uri.{child['model.label']}"] = child["model.uri"]
     uri = mlflow.get_tracking_uri()
     lines = [
         "pipeline finished. Look at it with:",
@@ -288,7 +333,7 @@ def _summarize(upstream: dict[str, str]) -> None:
         headline = {
             k: round(v, 3)
             for k, v in sorted(metrics.items())
-            if k.endswith((".accuracy", ".tokens_per_s", ".latency_p95_s"))
+            if k.endswith((".accuracy", ".kld_mean", ".tokens_per_s"))
         }
         lines.append(f"  evaluation ({upstream['evaluate']}): {headline}")
     if "register" in upstream:

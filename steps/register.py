@@ -2,8 +2,12 @@
 
 Reads `eval/candidates.json` of an evaluate run (`register.evaluate_run_id`, or the latest
 finished one of this model variant and compute target), chooses a model (`register.choose`:
-best accuracy with ties broken by decode speed, or a runtime), and checks the quality gate
-(`register.min_accuracy`, `register.max_p95_latency_s`).
+`fastest_faithful`, the highest decode rate among the candidates that stay faithful to the
+evaluate run's reference (`register.max_kld_mean`, `min_top1_agreement`, `max_ppl_ratio`, no
+significant accuracy loss at `accuracy_alpha`), else the reference; `best`, the best accuracy
+with ties broken by decode speed; or a runtime), and checks the quality gate
+(`register.min_accuracy`, `register.max_p95_latency_s`). The model card lists every candidate
+with why it was or was not chosen.
 
 Passing the gate: a version of the registered model `<variant>-<runtime>-<hardware>` with a
 model card as description and tags (git commit, config hash, evaluate run, fetch manifest hash,
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from math import nan
 
 import mlflow
 from mlflow import MlflowClient
@@ -28,6 +33,7 @@ from mlflow.entities.model_registry import ModelVersion
 from steps.config.compose import config_digest
 from steps.config.schema import Choice, PipelineConfig, RegisterConfig
 from steps.errors import PipelineError
+from steps.evaluation.selection import fastest_faithful, gate_failures
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel
 from steps.tracking.provenance import git_state
@@ -44,30 +50,38 @@ class RegisterResult:
     chosen: EvaluatedModel
     failures: list[str]  # gate checks it failed; empty: passed
     registered_name: str
+    reasons: dict[str, str]  # candidate label -> why it was or was not chosen
 
     @property
     def gate(self) -> str:
         return "passed" if not self.failures else "failed: " + "; ".join(self.failures)
 
 
-def choose(candidates: list[EvaluatedModel], how: Choice) -> EvaluatedModel:
+def choose(
+    candidates: list[EvaluatedModel], how: Choice, reference: str, gate: RegisterConfig
+) -> tuple[EvaluatedModel, dict[str, str]]:
+    """The candidate register.choose picks, and one line per candidate saying why or why not."""
+    by_label = {c.model.label: c for c in candidates}
+    if how is Choice.fastest_faithful:
+        if reference not in by_label:
+            raise PipelineError(
+                f"the evaluate run's reference {reference} is not among its candidates "
+                f"({', '.join(by_label)}): evaluate again"
+            )
+        selection = fastest_faithful({k: c.summary for k, c in by_label.items()}, reference, gate)
+        return by_label[selection.chosen], selection.reasons
     pool = [c for c in candidates if how is Choice.best or c.model.runtime is how.runtime]
     if not pool:
         runtimes = sorted({c.model.runtime.value for c in candidates})
         raise PipelineError(f"register.choose={how.value}: no such candidate (have {runtimes})")
-    return max(pool, key=lambda c: (c.summary["accuracy"], c.summary["tokens_per_s"]))
-
-
-def gate_failures(summary: dict[str, float], gate: RegisterConfig) -> list[str]:
-    failures = []
-    if summary["accuracy"] < gate.min_accuracy:
-        failures.append(f"accuracy {summary['accuracy']:.3f} < min_accuracy {gate.min_accuracy}")
-    if not summary["latency_p95_s"] <= gate.max_p95_latency_s:
-        failures.append(
-            f"p95 latency {summary['latency_p95_s']:.2f} s > max_p95_latency_s "
-            f"{gate.max_p95_latency_s}"
-        )
-    return failures
+    chosen = max(pool, key=lambda c: (c.summary["accuracy"], c.summary["tokens_per_s"]))
+    reasons = {
+        label: f"chosen: register.choose={how.value}"
+        if candidate is chosen
+        else f"not chosen by register.choose={how.value}"
+        for label, candidate in by_label.items()
+    }
+    return chosen, reasons
 
 
 def beats(summary: dict[str, float], champion_tags: dict[str, str]) -> bool:
@@ -95,11 +109,11 @@ def registered_name(cfg: PipelineConfig, chosen: EvaluatedModel) -> str:
     return f"{cfg.model.name}-{chosen.model.runtime.value}-{cfg.compute.target}"
 
 
-def run(cfg: PipelineConfig, candidates: list[EvaluatedModel]) -> RegisterResult:
+def run(cfg: PipelineConfig, candidates: list[EvaluatedModel], reference: str) -> RegisterResult:
     """Choose and gate (plain values: no MLflow)."""
-    chosen = choose(candidates, cfg.register.choose)
+    chosen, reasons = choose(candidates, cfg.register.choose, reference, cfg.register)
     return RegisterResult(
-        chosen, gate_failures(chosen.summary, cfg.register), registered_name(cfg, chosen)
+        chosen, gate_failures(chosen.summary, cfg.register), registered_name(cfg, chosen), reasons
     )
 
 
@@ -115,10 +129,50 @@ def find_evaluate_run(cfg: PipelineConfig, experiment_id: str) -> Run:
     return run
 
 
-def model_card(cfg: PipelineConfig, chosen: EvaluatedModel, evaluate_run: Run, commit: str) -> str:
+CARD_COLUMNS = (
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("95% interval", None, ""),
+    ("lost / gained", None, ""),
+    ("mean KLD", "kld_mean", "{:.4f}"),
+    ("top-1", "top1_agreement", "{:.3f}"),
+    ("ppl ratio", "ppl_ratio", "{:.3f}"),
+    ("tok/s", "tokens_per_s", "{:.1f}"),
+    ("p95 s", "latency_p95_s", "{:.2f}"),
+)
+
+
+def candidates_table(
+    candidates: list[EvaluatedModel], reference: str, reasons: dict[str, str]
+) -> list[str]:
+    """Every candidate's row, with why it was or was not chosen."""
+    header = ["model", *(title for title, _, _ in CARD_COLUMNS), "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for candidate in candidates:
+        s, label = candidate.summary, candidate.model.label
+        cells = [label + (" (reference)" if label == reference else "")]
+        for title, key, fmt in CARD_COLUMNS:
+            if title == "95% interval":
+                cells.append(
+                    f"{s.get('accuracy_ci_low', nan):.3f}-{s.get('accuracy_ci_high', nan):.3f}"
+                )
+            elif title == "lost / gained":
+                cells.append(f"{s.get('flips_lost', nan):.0f} / {s.get('flips_gained', nan):.0f}")
+            else:
+                cells.append(fmt.format(s.get(key, nan)))
+        cells.append(reasons.get(label, ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def model_card(
+    cfg: PipelineConfig, result: RegisterResult, candidates: list[EvaluatedModel],
+    reference: str, evaluate_run: Run, commit: str,
+) -> str:  # fmt: skip
     source = cfg.model.source
     where = source.repo_id or source.path or source.package
+    chosen = result.chosen
     s = chosen.summary
+    tags = evaluate_run.data.tags
     return "\n".join(
         [
             f"# {cfg.model.display_name} ({chosen.model.label}, {cfg.compute.name})",
@@ -126,13 +180,21 @@ def model_card(cfg: PipelineConfig, chosen: EvaluatedModel, evaluate_run: Run, c
             f"- Source: {source.kind.value} `{where}` at revision `{source.revision}`",
             f"- Runtime: {chosen.model.runtime.value}, precision {chosen.model.precision}; "
             f"license {cfg.model.license}",
-            f"- Evaluation: `{evaluate_run.data.tags.get('evaluate.dataset')}` "
-            f"(sha256 {evaluate_run.data.tags.get('evaluate.dataset_sha256', '')[:12]}), "
+            f"- Chosen by register.choose={cfg.register.choose.value} against the reference "
+            f"{reference}",
+            f"- Evaluation: `{tags.get('evaluate.dataset')}` "
+            f"(sha256 {tags.get('evaluate.dataset_sha256', '')[:12]}), fidelity text "
+            f"`{tags.get('evaluate.fidelity_text')}` "
+            f"(sha256 {tags.get('evaluate.fidelity_text_sha256', '')[:12]}), "
             f"run `{evaluate_run.info.run_id}`",
             f"- Accuracy {s['accuracy']:.3f}; latency p50 {s['latency_p50_s']:.2f} s, "
             f"p95 {s['latency_p95_s']:.2f} s; {s['tokens_per_s']:.1f} output tokens/s; "
             f"peak RSS {s['peak_rss_mb']:.0f} MiB",
             f"- Git commit `{commit}`",
+            "",
+            "## Candidates",
+            "",
+            *candidates_table(candidates, reference, result.reasons),
         ]
     )
 
@@ -159,7 +221,9 @@ def main(cfg: PipelineConfig) -> RegisterResult:
         candidates = mlflow.artifacts.load_dict(
             f"runs:/{evaluate_run.info.run_id}/eval/candidates.json"
         )
-        result = run(cfg, [EvaluatedModel.from_dict(entry) for entry in candidates])
+        evaluated = [EvaluatedModel.from_dict(entry) for entry in candidates]
+        reference = evaluate_run.data.tags.get("evaluate.reference", cfg.reference_label)
+        result = run(cfg, evaluated, reference)
         chosen, name = result.chosen, result.registered_name
         mlflow.set_tags({"register.chosen": chosen.model.label, "register.gate": result.gate[:500]})
         if result.failures and not cfg.register.allow_challenger:
@@ -172,7 +236,7 @@ def main(cfg: PipelineConfig) -> RegisterResult:
         version, created = register_version(
             name,
             chosen.model.model_uri,
-            model_card(cfg, chosen, evaluate_run, commit),
+            model_card(cfg, result, evaluated, reference, evaluate_run, commit),
             version_tags(cfg, chosen, evaluate_run, commit),
         )
         alias = pick_alias(

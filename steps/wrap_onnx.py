@@ -1,8 +1,9 @@
 """Entry point `wrap_onnx`: an onnxruntime-genai chat model, logged as a custom MLflow pyfunc.
 
 Gets an ONNX model folder, either built from the fetched snapshot with
-`onnxruntime_genai.models.builder` (compute target's precision and execution provider,
-`wrap.onnx_builder_options`; cached by its inputs) or the variant's prebuilt export for the
+`onnxruntime_genai.models.builder` (the build spec `wrap.onnx_build`, else
+`compute.onnx_precision` with `wrap.onnx_builder_options`, on the compute target's execution
+provider; cached by its inputs) or the variant's prebuilt export for the
 compute target (`wrap.onnx_source`). Logs it with `steps/serving/onnx_chat_model.py` as a
 models-from-code pyfunc that serves the same chat schema as wrap_transformers.
 
@@ -34,7 +35,7 @@ from steps.config.schema import (
     Runtime,
 )
 from steps.errors import PipelineError
-from steps.onnx.build import build_inputs, build_onnx, build_precision
+from steps.onnx.build import build_inputs, build_onnx
 from steps.serving.chat import CHAT_EXAMPLE, chat_signature
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
@@ -124,15 +125,15 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
         folder, manifest, cache, seconds = (
             snapshot.model_dir, snapshot.manifest, snapshot.cache, snapshot.seconds,
         )  # fmt: skip
-        precision = Path(cfg.model.prebuilt_onnx[cfg.compute.target].subfolder).name
+        precision = cfg.prebuilt_onnx_precision
     else:
-        options = cfg.wrap.onnx_builder_options
-        precision = build_precision(cfg.compute.onnx_precision.value, options)
+        build = cfg.onnx_build
+        precision = build.name
         inputs = build_inputs(
             snapshot.manifest.snapshot_id,
-            cfg.compute.onnx_precision.value,
+            build.precision,
             cfg.compute.onnx_provider.value,
-            options,
+            build.options,
         )
         built = build_onnx(
             cfg.model.name, snapshot.model_dir, inputs, SnapshotStore.open(cfg.fetch.cache_dir)

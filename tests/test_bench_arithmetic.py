@@ -12,6 +12,7 @@ import pytest
 from bench.decode_bytes import gguf_decode_bytes, onnx_decode_bytes, safetensors_decode_bytes
 from bench.models import parse_variant, variant_label
 from bench.runtimes import RuntimeSpec, Sample
+from steps.config.onnx_builds import OnnxBuildSpec
 from steps.onnx.build import build_inputs, build_onnx
 from steps.store.snapshot_store import SnapshotStore
 
@@ -86,9 +87,8 @@ def test_a_sample_cut_to_its_first_tokens_is_that_shorter_generation() -> None:
 
 
 def test_variants_are_named_as_the_wrap_step_names_them() -> None:
-    assert parse_variant("int4:algo_config=k_quant_last,block_size=64") == (
-        "int4",
-        {"algo_config": "k_quant_last", "block_size": "64"},
+    assert parse_variant("int4:algo_config=k_quant_last,block_size=64") == OnnxBuildSpec(
+        "int4", {"algo_config": "k_quant_last", "block_size": "64"}
     )
     assert variant_label("int4:algo_config=k_quant_last") == "onnx-int4-k_quant_last"
     assert variant_label("fp32") == "onnx-fp32"

@@ -82,6 +82,35 @@ def test_prebuilt_onnx_export_is_chosen_per_compute_target() -> None:
             ["model=phi3.5-mini", "compute=dml", "fetch.artifact=prebuilt_onnx"],
             "has no prebuilt ONNX export for compute=dml (it has: cpu, cuda)",
         ),
+        (
+            ["compute.onnx_candidates=[fp32,int3]"],
+            "compute.onnx_candidates: 'int3' starts with an unknown precision 'int3'",
+        ),
+        (
+            ["compute.onnx_candidates=[fp32,'int4:algo_config']"],
+            "write builder options as option=value",
+        ),
+        (
+            ["compute.onnx_candidates=[fp32,'int4:blocksize=64']"],
+            "the onnxruntime-genai builder has no option blocksize (did you mean block_size",
+        ),
+        (
+            ["+wrap.onnx_builder_options.int4_algo_config=k_quant_last"],
+            "has no option int4_algo_config (did you mean algo_config?)",
+        ),
+        (["compute.onnx_candidates=[int8,int8]"], "names a build twice"),
+        (["compute.onnx_candidates=[]"], "compute.onnx_candidates is empty"),
+        (
+            ["evaluate.reference=onnx-int2"],
+            "evaluate.reference=onnx-int2 is not among the candidates of model=smollm2-135m "
+            "compute=cpu: transformers-fp32, onnx-fp32, onnx-int8, onnx-int4",
+        ),
+        (["register.min_top1_agreement=1.5"], "register.min_top1_agreement=1.5 must be in (0, 1]"),
+        (["register.max_kld_mean=0"], "register.max_kld_mean=0.0 must be > 0"),
+        (["register.max_ppl_ratio=0.9"], "register.max_ppl_ratio=0.9 must be >= 1"),
+        (["register.accuracy_alpha=1"], "register.accuracy_alpha=1.0 must be in (0, 1)"),
+        (["evaluate.fidelity.window=511"], "evaluate.fidelity.window=511 must be an even number"),
+        (["register.choose=fastest"], "register.choose: Invalid value 'fastest'"),
     ],
 )
 def test_bad_config_names_the_problem(overrides: list[str], expected: str) -> None:
@@ -100,6 +129,22 @@ def test_builder_options_are_added_one_override_each() -> None:
         ]
     )
     assert cfg.wrap.onnx_builder_options == {"algo_config": "k_quant_last", "block_size": "64"}
+
+
+def test_the_cpu_sweep_holds_fp32_int8_and_two_int4_builds() -> None:
+    cfg = compose_config([])
+    assert cfg.candidate_labels == [
+        "transformers-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "onnx-int4-k_quant_last",
+    ]  # fmt: skip
+    assert cfg.reference_label == "transformers-fp32"
+    # A wrap_onnx run alone builds one spec; the prebuilt export is the only ONNX candidate.
+    single = compose_config(["wrap.onnx_build='int4:algo_config=k_quant_last,block_size=64'"])
+    assert single.onnx_build.name == "int4-k_quant_last-64"
+    phi3 = compose_config(["model=phi3-mini-4k"])
+    assert phi3.candidate_labels == [
+        "transformers-fp32", "onnx-cpu-int4-rtn-block-32-acc-level-4",
+    ]  # fmt: skip
+    assert compose_config(["compute=cuda"]).reference_label == "transformers-fp16"
 
 
 def test_overrides_parameter_is_split_like_a_shell() -> None:

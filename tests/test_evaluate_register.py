@@ -28,11 +28,13 @@ def eval_set():
     return load_eval_set(dataset_path(compose_config([])))
 
 
-def test_shipped_set_is_versioned_and_mixed(eval_set) -> None:
-    assert eval_set.name == "chat-basics-v1"
-    assert len(eval_set.items) == 30
-    assert len({item.id for item in eval_set.items}) == 30
-    assert {item.category for item in eval_set.items} == {"factual", "arithmetic", "instruction"}
+def test_shipped_set_is_versioned_mixed_and_large_enough_to_show_a_difference(eval_set) -> None:
+    assert eval_set.name == "chat-basics-v2"
+    assert len(eval_set.items) >= 150
+    assert len({item.id for item in eval_set.items}) == len(eval_set.items)
+    assert {item.category for item in eval_set.items} >= {
+        "factual", "arithmetic", "instruction", "counting", "comparison", "string", "unit",
+    }  # fmt: skip
     assert len(eval_set.sha256) == 64
 
 
@@ -97,11 +99,18 @@ def test_best_is_accuracy_first_then_speed() -> None:
         _evaluated(Runtime.onnx, "fp32", 0.4, 20.0),
         _evaluated(Runtime.onnx, "int4", 0.3, 80.0),
     ]
-    assert choose(candidates, Choice.best).model.label == "onnx-fp32"
-    assert choose(candidates, Choice.transformers).model.label == "transformers-fp32"
-    assert choose(candidates, Choice.onnx).model.label == "onnx-fp32"
+    gate = compose_config([]).register
+
+    def chosen(how: Choice, among=candidates) -> str:
+        return choose(among, how, "transformers-fp32", gate)[0].model.label
+
+    assert chosen(Choice.best) == "onnx-fp32"
+    assert chosen(Choice.transformers) == "transformers-fp32"
+    assert chosen(Choice.onnx) == "onnx-fp32"
     with pytest.raises(PipelineError, match="no such candidate"):
-        choose(candidates[2:], Choice.transformers)
+        chosen(Choice.transformers, candidates[2:])
+    with pytest.raises(PipelineError, match="reference transformers-fp32 is not among"):
+        chosen(Choice.fastest_faithful, candidates[2:])
 
 
 def test_gate_and_aliases() -> None:
@@ -156,12 +165,16 @@ def test_register_run_chooses_gates_and_names_without_mlflow(compose) -> None:
         _evaluated(Runtime.transformers, "fp32", 0.4, 15.0),
         _evaluated(Runtime.onnx, "int4", 0.1, 80.0),
     ]
-    result = register.run(compose("register.choose=onnx"), candidates)
+    result = register.run(compose("register.choose=onnx"), candidates, "transformers-fp32")
     assert result.chosen.model.label == "onnx-int4"
     assert result.registered_name == "smollm2-135m-onnx-cpu"
     assert result.gate.startswith("failed: accuracy 0.100 < min_accuracy")
-    passed = register.run(compose("model=phi3-mini-4k", "compute=k8s-cuda"), candidates)
+    # fastest_faithful: the int4 model was never scored against the reference.
+    passed = register.run(
+        compose("model=phi3-mini-4k", "compute=k8s-cuda"), candidates, "transformers-fp32"
+    )
     assert passed.gate == "passed" and passed.registered_name == "phi3-mini-4k-transformers-cuda"
+    assert "not scored against the reference" in passed.reasons["onnx-int4"]
 
 
 def test_evaluate_run_needs_no_mlflow_run(wrapped, compose) -> None:
@@ -169,11 +182,18 @@ def test_evaluate_run_needs_no_mlflow_run(wrapped, compose) -> None:
 
     from steps import evaluate
 
-    cfg = compose(*wrapped.overrides, "evaluate.max_items=2")
+    cfg = compose(
+        *wrapped.overrides, "evaluate.max_items=3", "evaluate.timed_items=1",
+        "evaluate.fidelity.scored_tokens=255", "evaluate.reference=onnx-fp32",
+    )  # fmt: skip
     mlflow.set_tracking_uri(wrapped.tracking_uri)  # the store that holds the model
     onnx = LoggedChatModel(Runtime.onnx, "fp32", wrapped.onnx_uri, None)
     result = evaluate.run(cfg, [onnx])
     assert mlflow.active_run() is None
     assert [r.label for r in result.results] == ["onnx-fp32"]
-    assert len(result.item_rows()) == 2 and "onnx-fp32.accuracy" in result.metrics
+    assert [item.timed for item in result.results[0].items] == [True, False, False]
+    assert len(result.item_rows()) == 3 and "onnx-fp32.accuracy" in result.metrics
+    assert result.metrics["onnx-fp32.scored_tokens"] == 255
+    assert result.metrics["onnx-fp32.kld_mean"] == 0.0  # the reference against itself
+    assert result.selection.chosen == "onnx-fp32"
     assert "parity" not in result.metrics  # one candidate: nothing to compare

@@ -27,7 +27,7 @@ from steps.backends.kubernetes import KubernetesTarget, load_target, render_job
 from steps.config.compose import compose_config
 from steps.config.schema import Backend
 from steps.errors import PipelineError
-from steps.main import step_batches
+from steps.main import pipeline_steps, step_batches
 from steps.tracking.provenance import CHECKOUT_ENV, git_state
 
 FLAVORS = {"k8s-cpu": "cpu", "k8s-cuda": "cuda"}
@@ -239,14 +239,18 @@ def test_a_missing_backend_config_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("parallel", "expected"),
     [
-        (False, [["fetch"], ["wrap_transformers"], ["wrap_onnx"], ["evaluate"], ["register"]]),
-        (True, [["fetch"], ["wrap_transformers", "wrap_onnx"], ["evaluate"], ["register"]]),
+        (False, [["fetch"], ["wrap_transformers"], ["wrap_onnx.fp32"], ["wrap_onnx.int8"],
+                 ["evaluate"], ["register"]]),
+        (True, [["fetch"], ["wrap_transformers", "wrap_onnx.fp32", "wrap_onnx.int8"],
+                ["evaluate"], ["register"]]),
     ],
-)
-def test_only_the_two_wraps_run_at_the_same_time(parallel: bool, expected: list) -> None:
-    steps = ["fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register"]
-    assert step_batches(steps, parallel) == expected
-    assert step_batches(["fetch", "fetch_onnx", "wrap_onnx"], parallel) == [
+)  # fmt: skip
+def test_only_the_wraps_run_at_the_same_time(parallel: bool, expected: list) -> None:
+    cfg = compose_config(["compute.onnx_candidates=[fp32,int8]"])
+    batches = step_batches(pipeline_steps(cfg), parallel)
+    assert [[step.name for step in batch] for batch in batches] == expected
+    prebuilt = compose_config(["model=phi3-mini-4k", "main.steps=[fetch,wrap_onnx]"])
+    assert [[s.name for s in b] for b in step_batches(pipeline_steps(prebuilt), parallel)] == [
         ["fetch"],
         ["fetch_onnx"],
         ["wrap_onnx"],

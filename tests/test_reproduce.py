@@ -33,7 +33,7 @@ def _resolved(*overrides: str) -> dict:
         (),
         ("model=phi3-mini-4k", "compute=cuda", "generation=sampling", "fetch.cache_dir=/c"),
         (
-            "+wrap.onnx_builder_options.int4_algo_config=k_quant_last",
+            "+wrap.onnx_builder_options.algo_config=k_quant_last",
             "evaluate.wrap_run_ids=['0123','abc']",
             "main.steps=[fetch,wrap_onnx]",
             "main.rerun=true",

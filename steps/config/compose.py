@@ -25,6 +25,12 @@ from steps.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def project_path(path: str) -> Path:
+    """A file the config names (evaluation set, fidelity text): relative to the repository
+    root unless absolute."""
+    return Path(path) if Path(path).is_absolute() else CONF_DIR.parent / path
+
+
 def resolved_config_yaml(cfg: PipelineConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

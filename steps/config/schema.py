@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from steps.config.onnx_builds import OnnxBuildSpec, check_builder_options, parse_build_spec
+
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -183,7 +185,11 @@ class ComputeConfig:
     torch_device: str = MISSING
     torch_dtype: TorchDtype = TorchDtype.float32
     onnx_provider: OnnxProvider = OnnxProvider.cpu
+    # What a wrap_onnx run builds by itself; `main` builds every compute.onnx_candidates entry.
     onnx_precision: OnnxPrecision = OnnxPrecision.fp32
+    # The ONNX builds `main` makes and evaluate compares, as build specs
+    # (`int4:algo_config=k_quant_last`: steps.config.onnx_builds).
+    onnx_candidates: list[str] = field(default_factory=lambda: ["fp32"])
     # onnxruntime's intra-op threads for the ONNX model; null: every core the serving process
     # may use, counted when the model loads (onnxruntime's own default may run fewer:
     # docs/configuration.md).
@@ -200,6 +206,14 @@ class ComputeConfig:
 
     def validate(self) -> None:
         self.backend.validate()
+        if not self.onnx_candidates:
+            raise ValueError(
+                "compute.onnx_candidates is empty: list at least one ONNX build, e.g. [fp32]"
+            )
+        specs = [parse_build_spec(spec, "compute.onnx_candidates") for spec in self.onnx_candidates]
+        names = [spec.name for spec in specs]
+        if len(set(names)) < len(names):
+            raise ValueError(f"compute.onnx_candidates={self.onnx_candidates} names a build twice")
         if self.onnx_threads is not None and self.onnx_threads < 1:
             raise ValueError(
                 f"compute.onnx_threads={self.onnx_threads} must be at least 1, or null for "
@@ -238,6 +252,38 @@ class WrapConfig:
     save_pretrained: bool = True
     onnx_source: OnnxSource = OnnxSource.auto
     onnx_builder_options: dict[str, str] = field(default_factory=dict)
+    # One build spec (`int4:algo_config=k_quant_last`) instead of compute.onnx_precision and
+    # onnx_builder_options: how `main` hands each wrap_onnx run its compute.onnx_candidates entry.
+    onnx_build: str | None = None
+
+    def validate(self) -> None:
+        check_builder_options(self.onnx_builder_options, "wrap.onnx_builder_options")
+        if self.onnx_build is not None:
+            parse_build_spec(self.onnx_build, "wrap.onnx_build")
+            if self.onnx_builder_options:
+                raise ValueError(
+                    "set either wrap.onnx_build or wrap.onnx_builder_options, not both (a build "
+                    f"spec carries its options: {self.onnx_build}:<option>=<value>)"
+                )
+
+
+@dataclass
+class FidelityConfig:
+    """Teacher-forced scoring against the reference (steps.evaluation.fidelity)."""
+
+    text: str = MISSING
+    # Tokens per window; each window scores its second half, after at least window/2 of context.
+    window: int = 512
+    # Stop after this many scored tokens; null: the whole text.
+    scored_tokens: int | None = 4096
+
+    def validate(self) -> None:
+        if self.window < 4 or self.window % 2:
+            raise ValueError(f"evaluate.fidelity.window={self.window} must be an even number >= 4")
+        if self.scored_tokens is not None and self.scored_tokens <= 0:
+            raise ValueError(
+                f"evaluate.fidelity.scored_tokens={self.scored_tokens} must be positive or null"
+            )
 
 
 @dataclass
@@ -246,32 +292,53 @@ class EvaluateConfig:
     max_items: int | None = None
     max_new_tokens: int = 48
     wrap_run_ids: list[str] = field(default_factory=list)
+    # The candidate label the others are compared with (fidelity, flips); null: the
+    # transformers model at the compute target's torch precision (transformers-fp32 on cpu).
+    reference: str | None = None
+    # The first N items are asked one at a time (latency, time to first token and decode rate
+    # come from them); the rest `concurrency` at a time where the model batches requests (ONNX).
+    timed_items: int = 24
+    concurrency: int = 8
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def validate(self) -> None:
         if self.max_items is not None and self.max_items <= 0:
             raise ValueError(f"evaluate.max_items={self.max_items} must be positive or null")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"evaluate.max_new_tokens={self.max_new_tokens} must be positive")
+        for name in ("max_new_tokens", "timed_items", "concurrency"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"evaluate.{name}={getattr(self, name)} must be positive")
+        self.fidelity.validate()
 
 
 class Choice(StrEnum):
-    """register.choose: `best` (highest accuracy, ties broken by decode speed) or a runtime."""
+    """register.choose: `fastest_faithful` (the fastest candidate that passes the fidelity and
+    accuracy gate, else the reference), `best` (highest accuracy, ties broken by decode speed)
+    or a runtime (its best candidate)."""
 
+    fastest_faithful = "fastest_faithful"
     best = "best"
     transformers = Runtime.transformers.value
     onnx = Runtime.onnx.value
 
     @property
     def runtime(self) -> Runtime | None:
-        return None if self is Choice.best else Runtime(self.value)
+        return Runtime(self.value) if self.value in tuple(Runtime) else None
 
 
 @dataclass
 class RegisterConfig:
     evaluate_run_id: str | None = None
-    choose: Choice = Choice.best
+    choose: Choice = Choice.fastest_faithful
     min_accuracy: float = MISSING
     max_p95_latency_s: float = MISSING
+    # What fastest_faithful asks of a candidate against the reference (docs/configuration.md
+    # says how they were chosen).
+    max_kld_mean: float = MISSING
+    min_top1_agreement: float = MISSING
+    max_ppl_ratio: float = MISSING
+    # Fails a candidate that loses significantly more items than it gains against the reference
+    # (exact McNemar test at this level).
+    accuracy_alpha: float = 0.05
     # When the chosen model fails the gate: register it as `challenger` instead of failing.
     allow_challenger: bool = False
 
@@ -280,6 +347,18 @@ class RegisterConfig:
             raise ValueError(f"register.min_accuracy={self.min_accuracy} must be in [0, 1]")
         if self.max_p95_latency_s <= 0:
             raise ValueError(f"register.max_p95_latency_s={self.max_p95_latency_s} must be > 0")
+        if self.max_kld_mean <= 0:
+            raise ValueError(f"register.max_kld_mean={self.max_kld_mean} must be > 0")
+        if not 0 < self.min_top1_agreement <= 1:
+            raise ValueError(
+                f"register.min_top1_agreement={self.min_top1_agreement} must be in (0, 1]"
+            )
+        if self.max_ppl_ratio < 1:
+            raise ValueError(
+                f"register.max_ppl_ratio={self.max_ppl_ratio} must be >= 1 (the reference's own)"
+            )
+        if not 0 < self.accuracy_alpha < 1:
+            raise ValueError(f"register.accuracy_alpha={self.accuracy_alpha} must be in (0, 1)")
 
 
 # The pipeline's steps, in order: the one list (MLproject has one entry point for each). Each
@@ -333,6 +412,51 @@ class PipelineConfig:
         has_prebuilt = self.compute.target in self.model.prebuilt_onnx
         return OnnxSource.prebuilt if has_prebuilt else OnnxSource.build
 
+    @property
+    def prebuilt_onnx_precision(self) -> str:
+        """The prebuilt export's precision, as its folder names it."""
+        return self.model.prebuilt_onnx[self.compute.target].subfolder.rstrip("/").split("/")[-1]
+
+    @property
+    def onnx_build(self) -> OnnxBuildSpec:
+        """The build a wrap_onnx run makes: wrap.onnx_build, else compute.onnx_precision with
+        wrap.onnx_builder_options."""
+        if self.wrap.onnx_build is not None:
+            return parse_build_spec(self.wrap.onnx_build, "wrap.onnx_build")
+        return OnnxBuildSpec(
+            self.compute.onnx_precision.value, dict(self.wrap.onnx_builder_options)
+        )
+
+    @property
+    def onnx_candidates(self) -> list[OnnxBuildSpec]:
+        """The ONNX builds `main` makes (none where the ONNX model is the prebuilt export)."""
+        if self.resolved_onnx_source is OnnxSource.prebuilt:
+            return []
+        return [
+            parse_build_spec(s, "compute.onnx_candidates") for s in self.compute.onnx_candidates
+        ]
+
+    @property
+    def planned_candidates(self) -> list[tuple[Runtime, str]]:
+        """The models `main` makes, as (runtime, evaluation label): the transformers model, then
+        one per ONNX build (or the prebuilt export)."""
+        planned = [self._planned(Runtime.transformers, self.compute.torch_dtype.precision)]
+        if self.resolved_onnx_source is OnnxSource.prebuilt:
+            return [*planned, self._planned(Runtime.onnx, self.prebuilt_onnx_precision)]
+        return planned + [self._planned(Runtime.onnx, spec.name) for spec in self.onnx_candidates]
+
+    @staticmethod
+    def _planned(runtime: Runtime, precision: str) -> tuple[Runtime, str]:
+        return runtime, model_label(runtime, precision)
+
+    @property
+    def candidate_labels(self) -> list[str]:
+        return [label for _, label in self.planned_candidates]
+
+    @property
+    def reference_label(self) -> str:
+        return self.evaluate.reference or self.candidate_labels[0]
+
     def validate(self) -> None:
         self.model.validate()
         self.compute.validate()
@@ -340,6 +464,15 @@ class PipelineConfig:
         self.evaluate.validate()
         self.register.validate()
         self.main.validate()
+        self.wrap.validate()
+        if self.evaluate.reference and not self.evaluate.wrap_run_ids:
+            labels = self.candidate_labels
+            if self.evaluate.reference not in labels:
+                raise ValueError(
+                    f"evaluate.reference={self.evaluate.reference} is not among the candidates "
+                    f"of model={self.model.name} compute={self.compute.label}: "
+                    f"{', '.join(labels)}"
+                )
         if (
             self.wrap.onnx_source is OnnxSource.prebuilt
             and self.compute.target not in self.model.prebuilt_onnx

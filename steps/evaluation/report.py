@@ -1,5 +1,6 @@
-"""What an evaluation shows: per-model summaries, parity between models, the per-item table,
-the comparison chart and the markdown summary. Plain functions of measured results."""
+"""What an evaluation shows: per-model summaries (accuracy with its interval, flips against the
+reference, speed), parity between models, the per-item table, the charts and the markdown
+summary. Plain functions of measured results."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from steps.evaluation.evalset import EvalSet
 from steps.evaluation.measure import CandidateResult
+from steps.evaluation.selection import Selection
+from steps.evaluation.stats import mcnemar_exact_p, wilson_interval
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -20,19 +23,27 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def summarize(candidate: CandidateResult) -> dict[str, float]:
+    """Accuracy (with its 95% Wilson interval) over every item; latency, time to first token
+    and decode rate over the items asked one at a time."""
     answered = [r for r in candidate.items if r.error is None]
-    latencies = [r.latency_s for r in answered]
-    ttfts = [r.ttft_s for r in answered if r.ttft_s is not None]
-    completion = sum(r.completion_tokens for r in answered)
-    generating = sum(r.latency_s - (r.ttft_s or 0.0) for r in answered)
+    timed = [r for r in answered if r.timed]
+    latencies = [r.latency_s for r in timed]
+    ttfts = [r.ttft_s for r in timed if r.ttft_s is not None]
+    completion = sum(r.completion_tokens for r in timed)
+    generating = sum(r.latency_s - (r.ttft_s or 0.0) for r in timed)
+    correct = sum(r.correct for r in candidate.items)
+    low, high = wilson_interval(correct, len(candidate.items))
     summary = {
-        "accuracy": sum(r.correct for r in candidate.items) / len(candidate.items),
+        "accuracy": correct / len(candidate.items),
+        "accuracy_ci_low": low,
+        "accuracy_ci_high": high,
+        "items": float(len(candidate.items)),
         "errors": float(len(candidate.items) - len(answered)),
         "latency_mean_s": statistics.fmean(latencies) if latencies else float("nan"),
         "latency_p50_s": _percentile(latencies, 0.5),
         "latency_p95_s": _percentile(latencies, 0.95),
         "prompt_tokens": float(sum(r.prompt_tokens for r in answered)),
-        "completion_tokens": float(completion),
+        "completion_tokens": float(sum(r.completion_tokens for r in answered)),
         "tokens_per_s": completion / generating if generating > 0 else float("nan"),
         "load_seconds": candidate.load_seconds,
         "peak_rss_mb": candidate.peak_rss_mb,
@@ -40,6 +51,19 @@ def summarize(candidate: CandidateResult) -> dict[str, float]:
     if ttfts:
         summary["ttft_mean_s"] = statistics.fmean(ttfts)
     return summary
+
+
+def flips(reference: CandidateResult, candidate: CandidateResult) -> dict[str, float]:
+    """Items the candidate gets wrong where the reference is right (lost) and the other way
+    round (gained), with the exact McNemar p-value of the difference."""
+    pairs = list(zip(reference.items, candidate.items, strict=True))
+    lost = sum(ref.correct and not mine.correct for ref, mine in pairs)
+    gained = sum(mine.correct and not ref.correct for ref, mine in pairs)
+    return {
+        "flips_lost": float(lost),
+        "flips_gained": float(gained),
+        "mcnemar_p": mcnemar_exact_p(lost, gained),
+    }
 
 
 def parity(candidates: list[CandidateResult]) -> float:
@@ -67,41 +91,109 @@ def per_item_rows(eval_set: EvalSet, candidates: list[CandidateResult]) -> list[
     return rows
 
 
-def comparison_chart(summaries: dict[str, dict[str, float]], path: Path) -> None:
-    """Quality and speed side by side, one bar per model, one panel per measure."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def comparison_chart(summaries: dict[str, dict[str, float]], path: Path) -> None:
+    """Quality and speed side by side, one bar per model, one panel per measure; accuracy with
+    its 95% interval."""
+    plt = _pyplot()
     panels = [
-        ("accuracy", "accuracy (share correct)"),
-        ("latency_p50_s", "latency p50 (s)"),
-        ("latency_p95_s", "latency p95 (s)"),
+        ("accuracy", "accuracy (share correct, 95% interval)"),
+        ("top1_agreement", "top-1 agreement with the reference"),
+        ("ppl_ratio", "perplexity / reference's"),
         ("tokens_per_s", "output tokens / s"),
-        ("ttft_mean_s", "time to first token (s)"),
+        ("latency_p95_s", "latency p95 (s)"),
         ("peak_rss_mb", "peak resident memory (MiB)"),
     ]
     labels = list(summaries)
-    figure, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
     for axis, (key, title) in zip(axes.flat, panels, strict=True):
         values = [summaries[label].get(key, float("nan")) for label in labels]
-        bars = axis.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
-        axis.bar_label(bars, fmt="%.3g")
-        axis.set_title(title)
-        axis.tick_params(axis="x", labelrotation=15)
-    figure.suptitle("Candidates on the evaluation set")
+        errors = None
+        if key == "accuracy":
+            errors = [
+                [
+                    summaries[label]["accuracy"] - summaries[label]["accuracy_ci_low"]
+                    for label in labels
+                ],
+                [
+                    summaries[label]["accuracy_ci_high"] - summaries[label]["accuracy"]
+                    for label in labels
+                ],
+            ]
+        bars = axis.bar(
+            labels, values, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(labels))]
+        )
+        axis.bar_label(bars, fmt="%.4g", label_type="center", fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
+    figure.suptitle("Candidates on the evaluation set and the fidelity text")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def summary_markdown(summaries: dict[str, dict[str, float]]) -> str:
-    keys = sorted({key for summary in summaries.values() for key in summary})
+def speed_fidelity_chart(
+    summaries: dict[str, dict[str, float]], selection: Selection, path: Path
+) -> None:
+    """Decode rate against mean KL divergence from the reference: up and to the left is better.
+    The chosen build is starred, builds that fail the gate are grey."""
+    plt = _pyplot()
+    floor = 1e-6  # the reference (and a build that matches it exactly) sit at KLD 0
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    for label, summary in summaries.items():
+        kld, speed = max(summary.get("kld_mean", floor), floor), summary["tokens_per_s"]
+        failed = bool(selection.failures.get(label))
+        chosen = label == selection.chosen
+        axis.scatter(
+            kld, speed, s=220 if chosen else 70, marker="*" if chosen else "o",
+            color="0.7" if failed else ("C3" if chosen else "C0"), zorder=3,
+        )  # fmt: skip
+        axis.annotate(
+            label + (" (chosen)" if chosen else " (fails gate)" if failed else ""),
+            (kld, speed), textcoords="offset points", xytext=(6, 6), fontsize=9,
+            color="0.5" if failed else "black",
+        )  # fmt: skip
+    axis.set_xscale("log")
+    # Room on the right for the labels of the least faithful builds.
+    widest = max(max(s.get("kld_mean", floor), floor) for s in summaries.values())
+    axis.set_xlim(floor / 3, widest * 30)
+    axis.set_xlabel(f"mean KL divergence from the reference (log; {floor:g} = identical)")
+    axis.set_ylabel("decode rate (output tokens / s)")
+    axis.set_title("Speed against fidelity")
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+HEADLINE = (
+    "accuracy", "accuracy_ci_low", "accuracy_ci_high", "flips_lost", "flips_gained",
+    "mcnemar_p", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "delta_p_rms",
+    "tokens_per_s", "latency_p95_s", "ttft_mean_s", "peak_rss_mb",
+)  # fmt: skip
+
+
+def summary_markdown(
+    summaries: dict[str, dict[str, float]], selection: Selection | None = None
+) -> str:
+    """One row per metric (the headline ones first), one column per model; the policy's verdict
+    per model below."""
+    present = {key for summary in summaries.values() for key in summary}
+    keys = [k for k in HEADLINE if k in present] + sorted(present - set(HEADLINE))
     lines = ["| metric | " + " | ".join(summaries) + " |", "|---" * (len(summaries) + 1) + "|"]
     for key in keys:
         cells = [f"{summaries[label].get(key, float('nan')):.4g}" for label in summaries]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if selection is not None:
+        lines += ["", *(f"- {label}: {selection.reasons[label]}" for label in summaries)]
     return "\n".join(lines) + "\n"
 
 

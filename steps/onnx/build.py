@@ -47,12 +47,6 @@ def build_inputs(
     }
 
 
-def build_precision(precision: str, options: dict[str, str]) -> str:
-    """A build's precision as labels and tags name it: builder options change the model, so
-    their values follow the precision in the order of their names (`int4-k_quant_last`)."""
-    return "-".join([precision, *dict(sorted(options.items())).values()])
-
-
 def build_onnx(
     model: str,
     snapshot_dir: Path,

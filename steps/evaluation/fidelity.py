@@ -1,0 +1,308 @@
+"""Fidelity to a reference: how far each candidate's next-token distributions move from the
+reference model's on the same text, as llama.cpp's `llama-perplexity --kl-divergence` measures
+what quantization costs.
+
+The text (a versioned JSONL of prose and chat transcripts, the transcripts rendered in the
+model's own chat template) is tokenized once by the reference, cut into windows of
+`window` tokens, and each window is run teacher-forced through every model; positions in the
+second half of a window (each with at least window/2 tokens of context) are scored:
+KL(reference || candidate), whether both rank the same token first, each model's log-likelihood
+of the actual next token. Memory stays bounded by one window: the full-vocabulary logits of one
+window per model exist at a time and only per-position numbers are kept.
+
+Each model is loaded from the logged model's own artifacts (the weights it carries):
+transformers through MLflow's flavor, ONNX through onnxruntime-genai on the model's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from steps.errors import PipelineError
+from steps.evaluation.stats import wilson_interval
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    kind: str  # prose or chat
+    text: str = ""
+    messages: tuple[dict[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class FidelityText:
+    name: str
+    path: Path
+    sha256: str
+    documents: tuple[Document, ...]
+
+
+def load_fidelity_text(path: Path) -> FidelityText:
+    """Parse and check the fidelity text; a bad line is reported by its number."""
+    if not path.is_file():
+        raise PipelineError(f"evaluate.fidelity.text={path} does not exist")
+    raw = path.read_bytes()
+    documents = []
+    for number, line in enumerate(raw.decode().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+            document = _document(body)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise PipelineError(
+                f"{path}:{number}: not a fidelity document ({type(error).__name__}: {error}); "
+                'write {"id", "kind": "prose", "text"} or {"id", "kind": "chat", "messages": '
+                '[{"role", "content"}, ...]}'
+            ) from None
+        documents.append(document)
+    if not documents:
+        raise PipelineError(f"evaluate.fidelity.text={path} has no documents")
+    return FidelityText(path.stem, path, hashlib.sha256(raw).hexdigest(), tuple(documents))
+
+
+def _document(body: dict[str, Any]) -> Document:
+    if body["kind"] == "prose":
+        return Document(str(body["id"]), "prose", text=str(body["text"]))
+    if body["kind"] == "chat":
+        messages = tuple(
+            {"role": m["role"], "content": str(m["content"])} for m in body["messages"]
+        )
+        if not messages or any(m["role"] not in ROLES for m in messages):
+            raise ValueError(f"chat messages need roles among {', '.join(ROLES)}")
+        return Document(str(body["id"]), "chat", messages=messages)
+    raise ValueError(f"kind {body['kind']!r} is neither prose nor chat")
+
+
+def check_fills_a_window(text: FidelityText, window: int) -> None:
+    """Before any model exists: a text with fewer bytes than a window has fewer tokens than one
+    under any tokenizer (a token covers at least one byte; chat templates add a few). The exact
+    count comes when the reference tokenizes it, before any model is scored."""
+    size = sum(
+        len(document.text.encode()) + sum(len(m["content"].encode()) + 8 for m in document.messages)
+        for document in text.documents
+    )
+    if size < window:
+        raise PipelineError(
+            f"evaluate.fidelity.text={text.path} holds about {size} tokens at most, shorter than "
+            f"one window of {window}: use a longer text or a smaller evaluate.fidelity.window"
+        )
+
+
+class LogitModel(Protocol):
+    """A model scored teacher-forced: the logits at every position of a window."""
+
+    vocab_size: int
+
+    def encode(self, document: Document) -> list[int]: ...
+
+    def logits(self, ids: np.ndarray, first: int) -> np.ndarray:
+        """float32 [len(ids) - 1 - first, vocab]: the predictions for ids[first + 1:]."""
+        ...
+
+
+def token_stream(text: FidelityText, model: LogitModel) -> np.ndarray:
+    return np.array([t for d in text.documents for t in model.encode(d)], dtype=np.int64)
+
+
+def windows(stream: np.ndarray, window: int, scored_tokens: int | None) -> list[np.ndarray]:
+    """Consecutive, non-overlapping windows: as many as `scored_tokens` needs (all if None)."""
+    available = len(stream) // window
+    if available == 0:
+        raise PipelineError(
+            f"the fidelity text is {len(stream)} tokens, shorter than one window of {window}: "
+            "use a longer evaluate.fidelity.text or a smaller evaluate.fidelity.window"
+        )
+    per_window = window - 1 - window // 2
+    wanted = available if scored_tokens is None else -(-scored_tokens // per_window)
+    if wanted > available:
+        log.warning(
+            "the fidelity text has %d windows of %d tokens (%d scored tokens), fewer than the "
+            "%d asked for: scoring them all",
+            available, window, available * per_window, scored_tokens,
+        )  # fmt: skip
+    return [stream[i * window : (i + 1) * window] for i in range(min(wanted, available))]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities in float32 (float64 costs several times as much here)."""
+    logits = logits.astype(np.float32, copy=False)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Agreement:
+    """Per-position measures of one candidate against the reference, accumulated window by
+    window (a few numbers per scored token, never the distributions)."""
+
+    kld: list[np.ndarray] = field(default_factory=list)
+    same_top1: list[np.ndarray] = field(default_factory=list)
+    reference_nll: list[np.ndarray] = field(default_factory=list)
+    nll: list[np.ndarray] = field(default_factory=list)
+    delta_p: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> None:
+        """reference, candidate: logits [n, vocab]; targets: the n actual next tokens."""
+        if reference.shape != candidate.shape:
+            raise PipelineError(
+                f"the candidate's logits have shape {candidate.shape}, the reference's "
+                f"{reference.shape}: they do not share a vocabulary, so they cannot be compared"
+            )
+        ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
+        kld = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=-1)
+        self.kld.append(np.maximum(kld, 0.0))  # rounding can give -1e-9 for equal rows
+        self.same_top1.append(ref_lp.argmax(axis=-1) == cand_lp.argmax(axis=-1))
+        rows = np.arange(len(targets))
+        ref_nll, nll = -ref_lp[rows, targets], -cand_lp[rows, targets]
+        self.reference_nll.append(ref_nll)
+        self.nll.append(nll)
+        self.delta_p.append(np.exp(-nll) - np.exp(-ref_nll))
+
+    def summary(self) -> dict[str, float]:
+        kld = np.concatenate(self.kld).astype(np.float64)
+        same = np.concatenate(self.same_top1)
+        ref_nll = np.concatenate(self.reference_nll).astype(np.float64)
+        nll = np.concatenate(self.nll).astype(np.float64)
+        delta_p = np.concatenate(self.delta_p).astype(np.float64)
+        low, high = wilson_interval(int(same.sum()), len(same))
+        ppl, ref_ppl = float(np.exp(nll.mean())), float(np.exp(ref_nll.mean()))
+        return {
+            "kld_mean": float(kld.mean()),
+            "kld_p99": float(np.percentile(kld, 99)),
+            "kld_max": float(kld.max()),
+            "top1_agreement": float(same.mean()),
+            "top1_agreement_ci_low": low,
+            "top1_agreement_ci_high": high,
+            "ppl": ppl,
+            "ppl_reference": ref_ppl,
+            "ppl_ratio": ppl / ref_ppl,
+            "delta_p_rms": float(np.sqrt((delta_p**2).mean())),
+            "scored_tokens": float(len(kld)),
+            "fidelity_seconds": self.seconds,
+        }
+
+
+def score(
+    reference: LogitModel,
+    candidates: dict[str, LogitModel],
+    stream_windows: list[np.ndarray],
+) -> dict[str, dict[str, float]]:
+    """Every candidate against the reference over the windows; a candidate that is the reference
+    object itself is compared with the reference's own logits (KLD 0, top-1 1)."""
+    agreements = {label: Agreement() for label in candidates}
+    for ids in tqdm(stream_windows, desc="fidelity", unit="window"):
+        first = len(ids) // 2
+        targets = ids[first + 1 :]
+        started = time.perf_counter()
+        reference_logits = reference.logits(ids, first)
+        reference_seconds = time.perf_counter() - started
+        for label, model in candidates.items():
+            started = time.perf_counter()
+            logits = reference_logits if model is reference else model.logits(ids, first)
+            agreements[label].add(reference_logits, logits, targets)
+            # The reference's own time is the forward pass it shares with everyone.
+            agreements[label].seconds += (
+                time.perf_counter() - started + (reference_seconds if model is reference else 0.0)
+            )
+    return {label: agreement.summary() for label, agreement in agreements.items()}
+
+
+# -- models from their logged artifacts -------------------------------------------------------
+
+
+class TransformersLogits:
+    def __init__(self, model, tokenizer) -> None:
+        self._model, self._tokenizer = model.eval(), tokenizer
+        self.vocab_size = int(model.config.vocab_size)
+
+    def encode(self, document: Document) -> list[int]:
+        return _encode(self._tokenizer, document)
+
+    def logits(self, ids: np.ndarray, first: int) -> np.ndarray:
+        import torch
+
+        keep = len(ids) - first
+        with torch.inference_mode():
+            output = self._model(torch.from_numpy(ids[None, :]), logits_to_keep=keep)
+        return output.logits[0, :-1].float().numpy()
+
+
+class OnnxLogits:
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+
+        # As the served model does (steps/serving/onnx_chat_model.py): no usage telemetry and no
+        # session file in the temp folder.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        config = og.Config(str(folder))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        session = {"intra_op_num_threads": cores or os.cpu_count() or 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+        self._og, self._model = og, og.Model(config)
+        self._tokenizer = AutoTokenizer.from_pretrained(folder)
+        genai = json.loads((folder / "genai_config.json").read_text())["model"]
+        self.vocab_size = int(genai["vocab_size"])
+
+    def encode(self, document: Document) -> list[int]:
+        return _encode(self._tokenizer, document)
+
+    def logits(self, ids: np.ndarray, first: int) -> np.ndarray:
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=len(ids))
+        generator = self._og.Generator(self._model, params)
+        generator.append_tokens(ids.astype(np.int32)[None, :])
+        logits = generator.get_output("logits")
+        return np.asarray(logits[0, first:-1], dtype=np.float32)
+
+
+def _encode(tokenizer, document: Document) -> list[int]:
+    if document.kind == "chat":
+        text = tokenizer.apply_chat_template(list(document.messages), tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(document.text + "\n\n")["input_ids"]
+
+
+@contextmanager
+def loaded(runtime: str, model_uri: str) -> Iterator[LogitModel]:
+    """A logged chat model's weights, loaded from its artifacts for scoring."""
+    import tempfile
+
+    import mlflow
+
+    from steps.evaluation.measure import stored_locally
+
+    with ExitStack() as stack:
+        copy = (
+            None
+            if stored_locally(model_uri)
+            else stack.enter_context(tempfile.TemporaryDirectory())
+        )
+        if runtime == "transformers":
+            parts = mlflow.transformers.load_model(
+                model_uri, return_type="components", dst_path=copy
+            )
+            yield TransformersLogits(parts["model"], parts["tokenizer"])
+            return
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=copy))
+        flavor = mlflow.models.Model.load(local).flavors["python_function"]
+        yield OnnxLogits(local / flavor["artifacts"]["onnx_model"]["path"])
