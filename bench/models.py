@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 
 from steps import main as pipeline
 from steps.config.compose import compose_config
-from steps.config.schema import PipelineConfig, Runtime, SourceKind, model_label
 from steps.config.onnx_builds import OnnxBuildSpec, parse_build_spec
+from steps.config.schema import PipelineConfig, Runtime, SourceKind, model_label
 from steps.onnx.build import build_inputs, build_onnx
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import fetched_snapshot
@@ -74,16 +74,27 @@ def bench_config(model: str, compute: str, store_uri: str, *overrides: str) -> P
 def bench_models(model: str, compute: str, store: Path = DEFAULT_STORE) -> BenchModels:
     store.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(store)
-    cfg = bench_config(model, compute, uri, "main.steps=[fetch,wrap_transformers,wrap_onnx]")
+    # One ONNX build (the compute target's precision); the scripts build any other variant.
+    precision = bench_config(model, compute, uri).compute.onnx_precision.value
     # What main hands on to its child runs, so they record into the same store.
-    tracking = [f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}"]
-    result = pipeline.main(cfg, tracking)
+    forwarded = [
+        f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}",
+        f"compute.onnx_candidates=[{precision}]",
+    ]  # fmt: skip
+    cfg = bench_config(
+        model, compute, uri, "main.steps=[fetch,wrap_transformers,wrap_onnx]", forwarded[-1]
+    )
+    result = pipeline.main(cfg, forwarded)
     client = MlflowClient(uri)
     experiment_id = client.get_run(result.run_ids["fetch"]).info.experiment_id
     fetched = fetched_snapshot(cfg, experiment_id).snapshot
+    steps = {
+        Runtime.transformers: "wrap_transformers",
+        Runtime.onnx: f"wrap_onnx.{precision}",
+    }
     wraps = {
-        runtime: client.get_run(result.run_ids[f"wrap_{runtime}"]).data.tags["model.uri"]
-        for runtime in Runtime
+        runtime: client.get_run(result.run_ids[step]).data.tags["model.uri"]
+        for runtime, step in steps.items()
     }
     gguf = None
     if cfg.model.source.kind is SourceKind.bundled:

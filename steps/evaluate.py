@@ -37,7 +37,7 @@ import mlflow
 import pandas as pd
 
 from steps.config.compose import project_path
-from steps.config.schema import WRAP_STEPS, PipelineConfig, Runtime
+from steps.config.schema import WRAP_STEPS, PipelineConfig
 from steps.errors import PipelineError
 from steps.evaluation import fidelity
 from steps.evaluation.evalset import EvalSet, answer_matches, load_eval_set
@@ -184,7 +184,7 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
     results = [
         evaluate_candidate(
             c.label, c.model_uri, eval_set, evaluation.max_new_tokens, evaluation.timed_items,
-            evaluation.concurrency if c.runtime is Runtime.onnx else 1,
+            evaluation.batch_size,
         )
         for c in candidates
     ]  # fmt: skip

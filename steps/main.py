@@ -227,12 +227,21 @@ def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
     return steps
 
 
-def check_evaluation_inputs(cfg: PipelineConfig) -> None:
-    """evaluate's files, read before any step starts, so that a missing or broken one fails in
-    seconds instead of after the builds."""
-    load_eval_set(project_path(cfg.evaluate.dataset))
-    text = load_fidelity_text(project_path(cfg.evaluate.fidelity.text))
-    check_fills_a_window(text, cfg.evaluate.fidelity.window)
+def preflight(cfg: PipelineConfig) -> None:
+    """What would fail a later step, checked before any step starts: builds named outside the
+    sweep, and evaluate's files (read now, so that a missing or broken one fails in seconds
+    instead of after the builds)."""
+    if cfg.wrap.onnx_builder_options or cfg.wrap.onnx_build:
+        raise PipelineError(
+            "main builds every compute.onnx_candidates entry, so wrap.onnx_builder_options and "
+            "wrap.onnx_build are for a wrap_onnx run alone: put the build in "
+            "compute.onnx_candidates instead (e.g. 'compute.onnx_candidates=[fp32,"
+            '"int4:algo_config=k_quant_last"]\')'
+        )
+    if "evaluate" in cfg.main.steps:
+        load_eval_set(project_path(cfg.evaluate.dataset))
+        text = load_fidelity_text(project_path(cfg.evaluate.fidelity.text))
+        check_fills_a_window(text, cfg.evaluate.fidelity.window)
 
 
 def run(
@@ -243,15 +252,6 @@ def run(
 ) -> MainResult:
     """Run or reuse each step as a child of the parent run, recording the lineage on it as each
     batch of steps finishes."""
-    if cfg.wrap.onnx_builder_options or cfg.wrap.onnx_build:
-        raise PipelineError(
-            "main builds every compute.onnx_candidates entry, so wrap.onnx_builder_options and "
-            "wrap.onnx_build are for a wrap_onnx run alone: put the build in "
-            "compute.onnx_candidates instead (e.g. 'compute.onnx_candidates=[fp32,"
-            '"int4:algo_config=k_quant_last"]\')'
-        )
-    if "evaluate" in cfg.main.steps:
-        check_evaluation_inputs(cfg)
     experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
     parallel = cfg.main.parallel if cfg.main.parallel is not None else target is not None
     upstream: dict[str, str] = {}
@@ -302,6 +302,7 @@ def main(cfg: PipelineConfig, forwarded: list[str]) -> MainResult:
     if cfg.compute.backend.name is Backend.kubernetes:
         target = kubernetes_backend.load_target(cfg.compute.backend)
         kubernetes_backend.check_can_submit(target, tracking_uri(cfg))
+    preflight(cfg)
     with step_run("main", cfg) as parent:
         started = time.monotonic()
         result = run(cfg, forwarded, parent, target)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from math import nan
 
 import mlflow
 from mlflow import MlflowClient
@@ -33,6 +32,7 @@ from mlflow.entities.model_registry import ModelVersion
 from steps.config.compose import config_digest
 from steps.config.schema import Choice, PipelineConfig, RegisterConfig
 from steps.errors import PipelineError
+from steps.evaluation.report import candidates_table
 from steps.evaluation.selection import fastest_faithful, gate_failures
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel
@@ -129,41 +129,6 @@ def find_evaluate_run(cfg: PipelineConfig, experiment_id: str) -> Run:
     return run
 
 
-CARD_COLUMNS = (
-    ("accuracy", "accuracy", "{:.3f}"),
-    ("95% interval", None, ""),
-    ("lost / gained", None, ""),
-    ("mean KLD", "kld_mean", "{:.4f}"),
-    ("top-1", "top1_agreement", "{:.3f}"),
-    ("ppl ratio", "ppl_ratio", "{:.3f}"),
-    ("tok/s", "tokens_per_s", "{:.1f}"),
-    ("p95 s", "latency_p95_s", "{:.2f}"),
-)
-
-
-def candidates_table(
-    candidates: list[EvaluatedModel], reference: str, reasons: dict[str, str]
-) -> list[str]:
-    """Every candidate's row, with why it was or was not chosen."""
-    header = ["model", *(title for title, _, _ in CARD_COLUMNS), "verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for candidate in candidates:
-        s, label = candidate.summary, candidate.model.label
-        cells = [label + (" (reference)" if label == reference else "")]
-        for title, key, fmt in CARD_COLUMNS:
-            if title == "95% interval":
-                cells.append(
-                    f"{s.get('accuracy_ci_low', nan):.3f}-{s.get('accuracy_ci_high', nan):.3f}"
-                )
-            elif title == "lost / gained":
-                cells.append(f"{s.get('flips_lost', nan):.0f} / {s.get('flips_gained', nan):.0f}")
-            else:
-                cells.append(fmt.format(s.get(key, nan)))
-        cells.append(reasons.get(label, ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def model_card(
     cfg: PipelineConfig, result: RegisterResult, candidates: list[EvaluatedModel],
     reference: str, evaluate_run: Run, commit: str,
@@ -194,7 +159,9 @@ def model_card(
             "",
             "## Candidates",
             "",
-            *candidates_table(candidates, reference, result.reasons),
+            candidates_table(
+                {c.model.label: c.summary for c in candidates}, reference, result.reasons
+            ),
         ]
     )
 

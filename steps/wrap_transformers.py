@@ -48,10 +48,12 @@ def serving_requirements() -> list[str]:
 
 
 def generation_defaults(generation: GenerationConfig) -> dict[str, Any]:
-    """The flavor's `model_config`: defaults for every request."""
+    """The flavor's `model_config`: defaults for every request, and the batch size the
+    pipeline generates the rows of one predict call in."""
     defaults: dict[str, Any] = {
         "max_new_tokens": generation.max_new_tokens,
         "do_sample": generation.do_sample,
+        "batch_size": generation.batch_size,
     }
     if generation.do_sample:
         defaults |= {"temperature": generation.temperature, "top_p": generation.top_p}

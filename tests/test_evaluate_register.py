@@ -134,10 +134,16 @@ def test_evaluate_defaults_to_the_latest_wrap_runs(wrapped, compose) -> None:
 
     from steps import evaluate
 
-    result = evaluate.main(compose(*wrapped.overrides, "evaluate.max_items=2"))
+    cfg = compose(*wrapped.overrides, "evaluate.max_items=2", "evaluate.fidelity.scored_tokens=510")
+    result = evaluate.main(cfg)
+    # The sweep's other builds were never wrapped in this store: the two that were are found.
     assert {c.model_uri for c in result.candidates} == {wrapped.transformers_uri, wrapped.onnx_uri}
     assert [c.label for c in result.candidates] == ["transformers-fp32", "onnx-fp32"]
     assert result.metrics["parity"] == 1.0
+    # The same greedy tokens by construction, so the same distributions to float precision.
+    assert result.metrics["onnx-fp32.kld_mean"] < 1e-3
+    assert result.metrics["onnx-fp32.top1_agreement"] >= 0.99
+    assert result.metrics["onnx-fp32.scored_tokens"] == 510
     (run,) = mlflow.search_runs(
         filter_string="tags.`pipeline.step` = 'evaluate'", search_all_experiments=True,
         output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
@@ -145,7 +151,15 @@ def test_evaluate_defaults_to_the_latest_wrap_runs(wrapped, compose) -> None:
     candidates = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/candidates.json")
     assert [EvaluatedModel.from_dict(c).model for c in candidates] == result.candidates
     assert run.data.metrics["parity"] == 1.0
-    assert run.data.tags["evaluate.dataset"] == "chat-basics-v1"
+    assert run.data.tags["evaluate.dataset"] == "chat-basics-v2"
+    assert run.data.tags["evaluate.reference"] == "transformers-fp32"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {
+        "chat-basics-v2", "fidelity-v1",
+    }  # fmt: skip
+    # Each candidate's summary is on its own LoggedModel, not as bare keys on the run.
+    onnx = mlflow.get_logged_model(wrapped.onnx_uri.removeprefix("models:/"))
+    assert {m.key for m in onnx.metrics} >= {"kld_mean", "top1_agreement", "accuracy"}
+    assert "kld_mean" not in run.data.metrics
 
 
 def test_a_wrap_run_recorded_before_the_runtime_names_is_refused_by_name(tracking_uri) -> None:

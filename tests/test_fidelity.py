@@ -15,6 +15,7 @@ from steps.errors import PipelineError
 from steps.evaluation.fidelity import Agreement, load_fidelity_text, windows
 from steps.evaluation.selection import fastest_faithful
 from steps.evaluation.stats import mcnemar_exact_p, wilson_interval
+from steps.main import preflight
 
 
 def logits_of(*distributions: tuple[float, ...]) -> np.ndarray:
@@ -142,3 +143,15 @@ def test_fastest_faithful_takes_the_fastest_build_that_passes() -> None:
     fallback = fastest_faithful(nothing_passes, "transformers-fp32", gate)
     assert fallback.chosen == "transformers-fp32"
     assert "no candidate passes" in fallback.reasons["transformers-fp32"]
+
+
+def test_main_refuses_a_short_text_and_builds_outside_the_sweep_before_any_step(
+    tmp_path: Path,
+) -> None:
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"id": "a", "kind": "prose", "text": "Too short."}) + "\n")
+    with pytest.raises(PipelineError, match="shorter than one window of 512"):
+        preflight(compose_config([f"evaluate.fidelity.text={short}"]))
+    with pytest.raises(PipelineError, match=r"put the build in compute\.onnx_candidates"):
+        preflight(compose_config(["+wrap.onnx_builder_options.block_size=64"]))
+    preflight(compose_config([]))  # the shipped files pass

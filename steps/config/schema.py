@@ -235,10 +235,15 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0  # only used when do_sample
     top_p: float = 1.0  # only used when do_sample
+    # The rows of one predict call the transformers pipeline generates together (the ONNX
+    # engine batches every row by itself).
+    batch_size: int = 8
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
             raise ValueError(f"generation.max_new_tokens={self.max_new_tokens} must be positive")
+        if self.batch_size <= 0:
+            raise ValueError(f"generation.batch_size={self.batch_size} must be positive")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(
                 "generation.do_sample=true needs temperature > 0 and 0 < top_p <= 1 "
@@ -296,15 +301,15 @@ class EvaluateConfig:
     # transformers model at the compute target's torch precision (transformers-fp32 on cpu).
     reference: str | None = None
     # The first N items are asked one at a time (latency, time to first token and decode rate
-    # come from them); the rest `concurrency` at a time where the model batches requests (ONNX).
+    # come from them); the rest `batch_size` at a time, in one predict call each.
     timed_items: int = 24
-    concurrency: int = 8
+    batch_size: int = 8
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def validate(self) -> None:
         if self.max_items is not None and self.max_items <= 0:
             raise ValueError(f"evaluate.max_items={self.max_items} must be positive or null")
-        for name in ("max_new_tokens", "timed_items", "concurrency"):
+        for name in ("max_new_tokens", "timed_items", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"evaluate.{name}={getattr(self, name)} must be positive")
         self.fidelity.validate()

@@ -3,21 +3,20 @@
 Each item is asked through the model's pyfunc interface and checked against the item's accepted
 answer patterns. The first `timed_items` are asked one at a time, streamed where the model
 streams (for time to first token): speed comes from them alone. The rest are asked
-`concurrency` at a time, which only models that batch concurrent requests (the ONNX engine)
-are given, so that the accuracy of many items costs less time. Loading needs the
-tracking store that holds the model; nothing here needs an open MLflow run.
+`batch_size` at a time in one predict call, which both runtimes generate together, so that the
+accuracy of many items costs less time. Loading needs the tracking store that holds the model;
+nothing here needs an open MLflow run.
 """
 
 from __future__ import annotations
 
-import functools
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import psutil
@@ -48,12 +47,21 @@ class CandidateResult:
     items: list[ItemResult] = field(default_factory=list)
 
 
+def chat_request(item: EvalItem, max_new_tokens: int) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": item.question}], "max_tokens": max_new_tokens}
+
+
+def answered(result: ItemResult, item: EvalItem, answer: str, usage: dict | None) -> ItemResult:
+    result.answer = answer
+    result.correct = is_correct(answer, item.accept)
+    result.prompt_tokens = int((usage or {}).get("prompt_tokens", 0))
+    result.completion_tokens = int((usage or {}).get("completion_tokens", 0))
+    return result
+
+
 def ask(model, item: EvalItem, max_new_tokens: int, streamable: bool) -> ItemResult:
     """One item through the pyfunc model; a failure is recorded on the result, not raised."""
-    request = {
-        "messages": [{"role": "user", "content": item.question}],
-        "max_tokens": max_new_tokens,
-    }
+    request = chat_request(item, max_new_tokens)
     result = ItemResult(item_id=item.id)
     usage = None
     started = time.perf_counter()
@@ -77,11 +85,33 @@ def ask(model, item: EvalItem, max_new_tokens: int, streamable: bool) -> ItemRes
         result.error = f"{type(error).__name__}: {error}"[:500]
         return result
     result.latency_s = time.perf_counter() - started
-    result.answer = answer
-    result.correct = is_correct(answer, item.accept)
-    result.prompt_tokens = int((usage or {}).get("prompt_tokens", 0))
-    result.completion_tokens = int((usage or {}).get("completion_tokens", 0))
-    return result
+    return answered(result, item, answer, usage)
+
+
+def ask_batch(model, items: tuple[EvalItem, ...], max_new_tokens: int) -> list[ItemResult]:
+    """Several items in one predict call, which both runtimes generate together (the
+    transformers pipeline in batches of the model's `batch_size`, the ONNX engine all at once).
+    Each item's latency is the batch's; if the batch fails, each item is asked alone, so that
+    the failure is recorded on the items that cause it."""
+    import pandas as pd
+
+    started = time.perf_counter()
+    try:
+        responses = model.predict(pd.DataFrame([chat_request(i, max_new_tokens) for i in items]))
+    except Exception:  # any model failure: find the items it belongs to
+        results = [ask(model, item, max_new_tokens, streamable=False) for item in items]
+    else:
+        seconds = time.perf_counter() - started
+        results = [
+            answered(
+                ItemResult(item.id, latency_s=seconds), item,
+                response["choices"][0]["message"]["content"], response.get("usage"),
+            )
+            for item, response in zip(items, responses, strict=True)
+        ]  # fmt: skip
+    for result in results:
+        result.timed = False
+    return results
 
 
 @contextmanager
@@ -121,7 +151,7 @@ def evaluate_candidate(
     eval_set: EvalSet,
     max_new_tokens: int,
     timed_items: int,
-    concurrency: int = 1,
+    batch_size: int,
 ) -> CandidateResult:
     import mlflow
 
@@ -137,14 +167,10 @@ def evaluate_candidate(
             for item in timed:
                 candidate.items.append(ask(model, item, max_new_tokens, streamable))
                 bar.update()
-            untimed_ask = functools.partial(
-                ask, model, max_new_tokens=max_new_tokens, streamable=False
-            )
-            with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                for result in pool.map(untimed_ask, untimed):
-                    result.timed = False
-                    candidate.items.append(result)
-                    bar.update()
-        del model, untimed_ask
+            for start in range(0, len(untimed), batch_size):
+                batch = untimed[start : start + batch_size]
+                candidate.items.extend(ask_batch(model, batch, max_new_tokens))
+                bar.update(len(batch))
+        del model
     candidate.peak_rss_mb = peak[0]
     return candidate

@@ -197,6 +197,49 @@ def summary_markdown(
     return "\n".join(lines) + "\n"
 
 
+CANDIDATE_COLUMNS = (
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("95% interval", None, ""),
+    ("lost / gained", None, ""),
+    ("McNemar p", "mcnemar_p", "{:.3g}"),
+    ("mean KLD", "kld_mean", "{:.4f}"),
+    ("KLD p99", "kld_p99", "{:.4f}"),
+    ("top-1", "top1_agreement", "{:.3f}"),
+    ("ppl ratio", "ppl_ratio", "{:.3f}"),
+    ("decode tok/s", "tokens_per_s", "{:.1f}"),
+    ("p95 s", "latency_p95_s", "{:.2f}"),
+)
+
+
+def candidates_table(
+    summaries: dict[str, dict[str, float]], reference: str, verdicts: dict[str, str]
+) -> str:
+    """One markdown row per candidate (the model card's and bench.quality's table), with why it
+    was or was not chosen."""
+    header = ["model", *(title for title, _, _ in CANDIDATE_COLUMNS), "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * len(CANDIDATE_COLUMNS) + "|---|"]
+    for label, s in summaries.items():
+        cells = [label + (" (reference)" if label == reference else "")]
+        for title, key, fmt in CANDIDATE_COLUMNS:
+            if key:
+                cells.append(fmt.format(s.get(key, float("nan"))))
+            elif title == "95% interval":
+                low, high = (
+                    s.get("accuracy_ci_low", float("nan")),
+                    s.get("accuracy_ci_high", float("nan")),
+                )
+                cells.append(f"{low:.3f}-{high:.3f}")
+            else:
+                lost, gained = (
+                    s.get("flips_lost", float("nan")),
+                    s.get("flips_gained", float("nan")),
+                )
+                cells.append(f"{lost:.0f} / {gained:.0f}")
+        cells.append(verdicts.get(label, ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def genai_rows(eval_set: EvalSet, candidate: CandidateResult) -> list[dict[str, Any]]:
     """Precomputed answers in the shape `mlflow.genai.evaluate(data=...)` takes."""
     return [
