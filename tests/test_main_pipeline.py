@@ -36,9 +36,10 @@ def test_champion_is_registered_and_answers_by_alias(
     assert "chosen: the fastest of the" in version.description
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion", dst_path=str(tmp_path))
     answer = model.predict(
-        {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        {"messages": [{"role": "user", "content": "What is the capital of Japan?"}]}
     )
-    assert "Paris" in answer[0]["choices"][0]["message"]["content"]
+    # The champion is the int8 build, which gets this one right (and France wrong).
+    assert "Tokyo" in answer[0]["choices"][0]["message"]["content"]
 
 
 def test_the_pipeline_leaves_no_files_in_the_temp_folder(remote_pipeline: PipelineRuns) -> None:

@@ -284,25 +284,25 @@ def _encode(tokenizer, document: Document) -> list[int]:
 
 @contextmanager
 def loaded(runtime: str, model_uri: str) -> Iterator[LogitModel]:
-    """A logged chat model's weights, loaded from its artifacts for scoring."""
+    """A logged chat model's weights, loaded from its artifacts for scoring. A model in a local
+    store is read in place; any other is downloaded into a temp folder of ours, removed after
+    (MLflow's own loaders leave copies behind in the temp folder)."""
     import tempfile
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
 
     import mlflow
 
-    from steps.evaluation.measure import stored_locally
-
+    location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
     with ExitStack() as stack:
-        copy = (
-            None
-            if stored_locally(model_uri)
-            else stack.enter_context(tempfile.TemporaryDirectory())
-        )
+        if urlparse(location).scheme in ("", "file"):
+            local = Path(url2pathname(urlparse(location).path))
+        else:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="fidelity-"))
+            local = Path(mlflow.artifacts.download_artifacts(location, dst_path=scratch))
         if runtime == "transformers":
-            parts = mlflow.transformers.load_model(
-                model_uri, return_type="components", dst_path=copy
-            )
+            parts = mlflow.transformers.load_model(str(local), return_type="components")
             yield TransformersLogits(parts["model"], parts["tokenizer"])
-            return
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=copy))
-        flavor = mlflow.models.Model.load(local).flavors["python_function"]
-        yield OnnxLogits(local / flavor["artifacts"]["onnx_model"]["path"])
+        else:
+            flavor = mlflow.models.Model.load(local).flavors["python_function"]
+            yield OnnxLogits(local / flavor["artifacts"]["onnx_model"]["path"])
