@@ -108,6 +108,10 @@ def test_a_bad_fidelity_line_is_reported_by_line_number(tmp_path: Path) -> None:
 def test_wilson_interval_and_exact_mcnemar_on_known_counts() -> None:
     assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0
+    for trials in range(1, 200):  # rounding never puts a bound past the share
+        for successes in (0, trials):
+            low, high = wilson_interval(successes, trials)
+            assert low <= successes / trials <= high
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert mcnemar_exact_p(0, 0) == 1.0
     assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)  # both tails of 5 one-way flips

@@ -18,7 +18,9 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     centre = (share + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials))
     half /= denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval holds the share by construction; rounding can put a bound a hair past it
+    # (a low of 1e-17 at 0 successes), which a chart's error bar then rejects as negative.
+    return (min(share, max(0.0, centre - half)), max(share, min(1.0, centre + half)))
 
 
 def mcnemar_exact_p(lost: int, gained: int) -> float:
