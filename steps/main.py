@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Step:
-    """One child run of the pipeline: an entry point, and for a wrap_onnx its build."""
+    """One child run of the pipeline: an entry point, and for a wrap_onnx its build (None: the
+    prebuilt export)."""
 
     name: str  # as the parent's tags name it: fetch, wrap_onnx.int8, ...
     entry: str  # the MLproject entry point
@@ -69,18 +70,23 @@ class Step:
 
 
 def upstream_settings(step: Step, upstream: dict[str, str]) -> dict[str, str | list[str]]:
-    """The config keys that hand a step the run ids it builds on (from this pipeline run)."""
+    """The config keys that hand a step what it builds on: the run ids of this pipeline run's
+    earlier steps, and for a wrap_onnx its source and build."""
     settings: dict[str, str | list[str]] = {}
-    onnx_input = upstream.get("fetch_onnx", upstream.get("fetch"))
     if step.name == "fetch_onnx":
         settings["fetch.artifact"] = FetchArtifact.prebuilt_onnx.value
     elif step.entry == "wrap_transformers" and "fetch" in upstream:
         settings["wrap.fetch_run_id"] = upstream["fetch"]
     elif step.entry == "wrap_onnx":
-        if onnx_input:
-            settings["wrap.fetch_run_id"] = onnx_input
+        # Each wrap_onnx run makes one model: a build of the weights, or the prebuilt export.
+        fetched = upstream.get("fetch" if step.build else "fetch_onnx")
+        if fetched:
+            settings["wrap.fetch_run_id"] = fetched
         if step.build is not None:
+            settings["wrap.onnx_source"] = OnnxSource.build.value
             settings["wrap.onnx_build"] = step.build.spec
+        else:
+            settings["wrap.onnx_source"] = OnnxSource.prebuilt.value
     elif step.entry == "evaluate":
         wraps = [run_id for name, run_id in upstream.items() if _entry_of(name) in WRAP_STEPS]
         if wraps:
@@ -211,19 +217,19 @@ class MainResult:
 
 
 def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
-    """main.steps in pipeline order: one wrap_onnx per ONNX build, and the prebuilt export's
-    fetch where wrap_onnx uses the export."""
+    """main.steps in pipeline order: one wrap_onnx per ONNX build, and where the export is a
+    candidate (wrap.onnx_source prebuilt or both) its fetch and its wrap_onnx."""
     steps: list[Step] = []
     for entry in (s for s in STEP_ORDER if s in cfg.main.steps):
         if entry != "wrap_onnx":
             steps.append(Step(entry, entry))
-        elif cfg.resolved_onnx_source is OnnxSource.prebuilt:
+            continue
+        steps += [Step(f"{entry}.{b.name}", entry, b) for b in cfg.onnx_candidates]
+        if cfg.uses_prebuilt_onnx:
             # Before every wrap, so that the wraps stay side by side when they run together.
             first_wrap = next((i for i, s in enumerate(steps) if s.entry in WRAP_STEPS), len(steps))
             steps.insert(first_wrap, Step("fetch_onnx", "fetch"))
             steps.append(Step(entry, entry))
-        else:
-            steps += [Step(f"{entry}.{b.name}", entry, b) for b in cfg.onnx_candidates]
     return steps
 
 

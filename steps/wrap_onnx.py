@@ -77,9 +77,19 @@ def check_provider(compute: ComputeConfig) -> None:
         )
 
 
+def onnx_source(cfg: PipelineConfig) -> OnnxSource:
+    """Where this run's one ONNX model comes from: a build, or the prebuilt export."""
+    if cfg.resolved_onnx_source is OnnxSource.both:
+        raise PipelineError(
+            "wrap.onnx_source=both is for main (the builds and the prebuilt export side by "
+            "side); a wrap_onnx run makes one model: use wrap.onnx_source=build or prebuilt"
+        )
+    return cfg.resolved_onnx_source
+
+
 def fetch_artifact(cfg: PipelineConfig) -> FetchArtifact:
     """What this step builds on: the prebuilt export's fetch, or the weights' fetch."""
-    if cfg.resolved_onnx_source is OnnxSource.prebuilt:
+    if onnx_source(cfg) is OnnxSource.prebuilt:
         return FetchArtifact.prebuilt_onnx
     return FetchArtifact.weights
 
@@ -119,7 +129,7 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
     """Build (or take the prebuilt) ONNX folder of a fetched snapshot and log it as a chat model
     into the current experiment (and the active run, if one is open)."""
     started = time.monotonic()
-    source = cfg.resolved_onnx_source
+    source = onnx_source(cfg)
     snapshot = fetched.snapshot
     if source is OnnxSource.prebuilt:
         folder, manifest, cache, seconds = (

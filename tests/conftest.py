@@ -27,7 +27,7 @@ from steps.store.snapshot_store import SnapshotStore
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Fixtures that convert the bundled model, build ONNX models or run `mlflow run`: every test
 # that uses one, however indirectly, is `slow` (so `pytest -m "not slow"` builds nothing).
-SLOW_FIXTURES = frozenset({"bundled_fetch", "wrapped", "remote_pipeline"})
+SLOW_FIXTURES = frozenset({"bundled_fetch", "wrapped", "remote_pipeline", "phi3_checkpoints"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

@@ -73,6 +73,8 @@ class OnnxSource(StrEnum):
     auto = "auto"  # the prebuilt export for the compute target if the variant has one, else build
     build = "build"  # always build from the fetched weights
     prebuilt = "prebuilt"  # always the prebuilt export (fails if there is none)
+    # main only: the compute target's builds and the prebuilt export, evaluated side by side
+    both = "both"
 
 
 class Backend(StrEnum):
@@ -418,6 +420,16 @@ class PipelineConfig:
         return OnnxSource.prebuilt if has_prebuilt else OnnxSource.build
 
     @property
+    def builds_onnx(self) -> bool:
+        """Whether the ONNX candidates include builds from the fetched weights."""
+        return self.resolved_onnx_source in (OnnxSource.build, OnnxSource.both)
+
+    @property
+    def uses_prebuilt_onnx(self) -> bool:
+        """Whether the ONNX candidates include the variant's prebuilt export."""
+        return self.resolved_onnx_source in (OnnxSource.prebuilt, OnnxSource.both)
+
+    @property
     def prebuilt_onnx_precision(self) -> str:
         """The prebuilt export's precision, as its folder names it."""
         return self.model.prebuilt_onnx[self.compute.target].subfolder.rstrip("/").split("/")[-1]
@@ -435,7 +447,7 @@ class PipelineConfig:
     @property
     def onnx_candidates(self) -> list[OnnxBuildSpec]:
         """The ONNX builds `main` makes (none where the ONNX model is the prebuilt export)."""
-        if self.resolved_onnx_source is OnnxSource.prebuilt:
+        if not self.builds_onnx:
             return []
         return [
             parse_build_spec(s, "compute.onnx_candidates") for s in self.compute.onnx_candidates
@@ -444,11 +456,12 @@ class PipelineConfig:
     @property
     def planned_candidates(self) -> list[tuple[Runtime, str]]:
         """The models `main` makes, as (runtime, evaluation label): the transformers model, then
-        one per ONNX build (or the prebuilt export)."""
+        one per ONNX build, then the prebuilt export."""
         planned = [self._planned(Runtime.transformers, self.compute.torch_dtype.precision)]
-        if self.resolved_onnx_source is OnnxSource.prebuilt:
-            return [*planned, self._planned(Runtime.onnx, self.prebuilt_onnx_precision)]
-        return planned + [self._planned(Runtime.onnx, spec.name) for spec in self.onnx_candidates]
+        planned += [self._planned(Runtime.onnx, spec.name) for spec in self.onnx_candidates]
+        if self.uses_prebuilt_onnx:
+            planned.append(self._planned(Runtime.onnx, self.prebuilt_onnx_precision))
+        return planned
 
     @staticmethod
     def _planned(runtime: Runtime, precision: str) -> tuple[Runtime, str]:
@@ -479,12 +492,13 @@ class PipelineConfig:
                     f"{', '.join(labels)}"
                 )
         if (
-            self.wrap.onnx_source is OnnxSource.prebuilt
+            self.wrap.onnx_source in (OnnxSource.prebuilt, OnnxSource.both)
             and self.compute.target not in self.model.prebuilt_onnx
         ):
             raise ValueError(
-                f"wrap.onnx_source=prebuilt, but model={self.model.name} has no prebuilt ONNX "
-                f"export for compute={self.compute.label}; use wrap.onnx_source=build"
+                f"wrap.onnx_source={self.wrap.onnx_source.value}, but model={self.model.name} "
+                f"has no prebuilt ONNX export for compute={self.compute.label}; use "
+                "wrap.onnx_source=build"
             )
         if not self.wrap.save_pretrained and self.model.source.kind is not SourceKind.hub:
             raise ValueError(

@@ -110,6 +110,11 @@ class OnnxChatModel(PythonModel):
                 "log the model for another compute target to run it here"
             ) from None
         self._tokenizer = og.Tokenizer(self._model)
+        # SentencePiece tokenizers (Llama's, Phi-3's) mark a word's space in front of it, so
+        # an answer's first token decodes with a space that transformers' decoder strips.
+        # Stripped here too, so both runtimes give the same content.
+        probe = self._tokenizer.decode(self._tokenizer.encode("a"))
+        self._strips_leading_space = probe == " a"
         genai_config = json.loads((folder / "genai_config.json").read_text())["model"]
         self._context_length = int(genai_config["context_length"])
         self._engine = EngineLoop(self._model)
@@ -263,7 +268,7 @@ class OnnxChatModel(PythonModel):
         stream = self._tokenizer.create_stream()
         hold = max((len(s) for s in options.stop), default=1) - 1
         text, emitted, count = "", 0, 0
-        finished = False
+        finished, strip_space = False, self._strips_leading_space
         try:
             while True:
                 item = turn.events.get()
@@ -276,7 +281,10 @@ class OnnxChatModel(PythonModel):
                     yield text[emitted:], "stop" if item.eos else "length", count
                     return
                 count += 1
-                text += stream.decode(item)
+                piece = stream.decode(item)
+                if strip_space and piece:
+                    piece, strip_space = piece.removeprefix(" "), False
+                text += piece
                 cut = _first_stop(text, options.stop)
                 if cut is not None:
                     yield text[emitted:cut], "stop", count

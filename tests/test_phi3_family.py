@@ -1,0 +1,262 @@
+"""The Phi-3 family through the whole pipeline, as a user with Hub access runs it: the loopback
+Hub serves a same-architecture checkpoint of each variant (tests/phi3_family.py) at the
+variant's pinned repo and revision, and a builder-made int4 CPU export under the variant's real
+prebuilt subfolder at the export repo's pin. One `mlflow run .` per variant fetches, wraps both
+runtimes (the ONNX model built from the weights, and the prebuilt export:
+`wrap.onnx_source=both`), evaluates and registers; then the logged models are checked for
+parity, Phi-3's chat format and its end tokens, and the champion answers over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from conftest import mlflow_run, project_env
+from fake_hub import FakeHub
+from mlflow import MlflowClient
+from phi3_family import STOP_AT_END, STOP_AT_ENDOFTEXT, VARIANTS, Phi3Variant, write_checkpoint
+
+from steps.onnx.build import build_inputs, build_onnx
+from steps.serving.processes import model_server
+from steps.store.snapshot_store import SnapshotStore
+
+# Each test names one variant; the three variants' pipelines share nothing but the Hub.
+PROMPTS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Summarise: " + "The quick brown fox jumps over the dog. " * 12}],
+]
+# Fewer items and tokens; and a random model answers nothing right, so no accuracy floor.
+# The served models refuse an empty message (steps/serving/onnx_chat_model.py); the tokenizers
+# and the templates are compared on one above.
+ASKED = [m for m in PROMPTS if all(message["content"] for message in m)]
+FAST = (
+    "compute.onnx_candidates=[fp32] evaluate.max_items=12 evaluate.timed_items=4 "
+    "evaluate.fidelity.scored_tokens=256 evaluate.max_new_tokens=8 register.min_accuracy=0 "
+    "main.parallel=true"
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    variant: Phi3Variant
+    folder: Path  # the weights' file set
+    export: Path  # the int4 CPU export's folder
+
+
+def _files(root: Path, prefix: str = "") -> dict[str, bytes]:
+    return {
+        f"{prefix}{p.relative_to(root)}": p.read_bytes() for p in root.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def phi3_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoint]:
+    """One checkpoint and one int4 export per variant, made once per session."""
+    root = tmp_path_factory.mktemp("phi3")
+    made = {}
+    for name, variant in VARIANTS.items():
+        folder = write_checkpoint(variant, root / name)
+        # The export's folder name says what Microsoft built; the builder makes RTN here (AWQ
+        # needs calibration data), with the block size the name says.
+        block = variant.cpu_export.split("block-")[1].split("-")[0]
+        options = {"block_size": block} if block != "32" else {}
+        inputs = build_inputs(f"phi3-test-{name}", "int4", "cpu", options)
+        export = build_onnx(name, folder, inputs, SnapshotStore(root / "exports"))
+        made[name] = Checkpoint(variant, folder, export.model_dir)
+    return made
+
+
+@pytest.fixture(scope="session")
+def phi3_hub(phi3_checkpoints: dict[str, Checkpoint]) -> Iterator[FakeHub]:
+    repos, refs = {}, {}
+    for checkpoint in phi3_checkpoints.values():
+        v = checkpoint.variant
+        repos[v.repo_id] = {v.revision: _files(checkpoint.folder)}
+        repos[v.onnx_repo_id] = {
+            v.onnx_revision: _files(checkpoint.export, f"{v.cpu_export}/")
+            | {"cuda/cuda-int4-rtn-block-32/model.onnx": b"not for this target"}
+        }
+        refs[v.repo_id] = {"main": v.revision}
+    with FakeHub(repos, refs) as hub:
+        yield hub
+
+
+@dataclass(frozen=True)
+class VariantRun:
+    checkpoint: Checkpoint
+    tracking_uri: str
+    parent: mlflow.entities.Run
+    seconds: float
+
+    def child(self, name: str) -> mlflow.entities.Run:
+        return MlflowClient(self.tracking_uri).get_run(self.parent.data.tags[f"main.{name}.run_id"])
+
+
+def run_variant_pipeline(name: str, checkpoints, hub: FakeHub, tmp: Path) -> VariantRun:
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = project_env(
+        uri, HF_ENDPOINT=hub.url, HF_HOME=str(tmp / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
+        TMPDIR=str(tmp),
+    )  # fmt: skip
+    overrides = f"wrap.onnx_source=both {FAST} fetch.cache_dir={tmp / 'cache'}"
+    started = time.monotonic()
+    result = mlflow_run("-P", f"model={name}", "-P", f"overrides={overrides}", env=env)
+    seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`pipeline.step` = 'main'")
+    steps = {
+        tag.split(".")[1:-1][0] if tag.count(".") == 2 else ".".join(tag.split(".")[1:-1]): value
+        for tag, value in parent.data.tags.items()
+        if tag.startswith("main.") and tag.endswith(".run_id")
+    }
+    took = {
+        step: (lambda r: (r.info.end_time - r.info.start_time) / 1000)(client.get_run(run_id))
+        for step, run_id in steps.items()
+    }
+    print(f"\n{name}: mlflow run . took {seconds:.1f} s; steps: {took}")
+    return VariantRun(checkpoints[name], uri, parent, seconds)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant_run(request, phi3_checkpoints, phi3_hub, tmp_path_factory, monkeypatch_module):
+    tmp = tmp_path_factory.mktemp(request.param)
+    run = run_variant_pipeline(request.param, phi3_checkpoints, phi3_hub, tmp)
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", run.tracking_uri)
+    mlflow.set_tracking_uri(run.tracking_uri)
+    return run
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_the_pipeline_wraps_both_sources_evaluates_and_registers(variant_run: VariantRun) -> None:
+    tags = variant_run.parent.data.tags
+    v = variant_run.checkpoint.variant
+    export_label = f"onnx-{v.cpu_export.split('/')[-1]}"
+    assert {"main.model_uri.transformers-fp32", "main.model_uri.onnx-fp32",
+            f"main.model_uri.{export_label}"} <= set(tags)  # fmt: skip
+    fetch = variant_run.child("fetch")
+    manifest = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=fetch.info.run_id,
+                                                 artifact_path="manifest.json")).read_text()
+    )  # fmt: skip
+    assert manifest["source"]["repo_id"] == v.repo_id
+    assert manifest["source"]["resolved_revision"] == v.revision
+    prebuilt = variant_run.child("wrap_onnx")
+    assert prebuilt.data.tags["onnx.source"] == "prebuilt"
+    assert variant_run.child("wrap_onnx.fp32").data.tags["onnx.source"] == "build"
+    evaluate = variant_run.child("evaluate").data.metrics
+    for label in ("transformers-fp32", "onnx-fp32", export_label):
+        assert f"{label}.accuracy" in evaluate
+    # fp32 ONNX is the same model as fp32 transformers; the int4 export is not.
+    assert evaluate["onnx-fp32.kld_mean"] < 1e-3
+    assert evaluate["onnx-fp32.top1_agreement"] >= 0.99
+    assert evaluate[f"{export_label}.kld_mean"] > evaluate["onnx-fp32.kld_mean"]
+    assert tags["main.registered"].endswith("@champion")
+
+
+def _logged(variant_run: VariantRun, label: str) -> str:
+    return variant_run.parent.data.tags[f"main.model_uri.{label}"]
+
+
+def test_fp32_runtimes_give_the_same_prompt_and_greedy_ids(variant_run: VariantRun) -> None:
+    """Parity on the logged weights, with a prompt past original_max_position_embeddings on
+    the LongRoPE variants."""
+    import onnxruntime_genai as og
+    import torch
+
+    components = mlflow.transformers.load_model(
+        _logged(variant_run, "transformers-fp32"), return_type="components"
+    )
+    model, tokenizer = components["model"].eval(), components["tokenizer"]
+    onnx_dir = Path(mlflow.artifacts.download_artifacts(_logged(variant_run, "onnx-fp32")))
+    og_model = og.Model(str(next(onnx_dir.rglob("genai_config.json")).parent))
+    og_tokenizer = og.Tokenizer(og_model)
+    longest = 0
+    for messages in PROMPTS:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        text = og_tokenizer.apply_chat_template(
+            messages=json.dumps(messages), add_generation_prompt=True
+        )
+        assert list(og_tokenizer.encode(text)) == ids, messages
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        expected = [t for t in out[0, len(ids) :].tolist()]
+        params = og.GeneratorParams(og_model)
+        params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+        generator = og.Generator(og_model, params)
+        generator.append_tokens(np.array(ids, dtype=np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+        got = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+        # onnxruntime-genai leaves the final end token out of the sequence; transformers keeps it.
+        assert got == expected[: len(got)] and len(expected) - len(got) <= 1, messages
+        longest = max(longest, len(ids))
+    original = variant_run.checkpoint.variant.original_max_position_embeddings
+    if variant_run.checkpoint.variant.longrope:
+        assert longest > original, "no prompt crossed the original context"
+
+
+def _ask(model, messages, max_tokens: int = 16) -> dict:
+    return model.predict({"messages": messages, "max_tokens": max_tokens})[0]
+
+
+@pytest.mark.parametrize("label", ["transformers-fp32", "onnx-fp32"])
+def test_the_turn_ends_at_phi3s_end_tokens(variant_run: VariantRun, label: str) -> None:
+    """The checkpoint ends STOP_AT_END's answer with <|end|> and STOP_AT_ENDOFTEXT's with
+    <|endoftext|> (forced: see tests/phi3_family.py); both runtimes stop there, say `stop`, and
+    keep special tokens out of the content. A short max_tokens ends with `length`."""
+    model = mlflow.pyfunc.load_model(_logged(variant_run, label))
+    for messages in (STOP_AT_END, STOP_AT_ENDOFTEXT):
+        answer = _ask(model, messages)
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "stop", (messages, answer)
+        assert answer["usage"]["completion_tokens"] < 16
+        assert "<|" not in choice["message"]["content"]
+    answer = _ask(model, PROMPTS[0], max_tokens=3)
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 3
+    assert "<|" not in answer["choices"][0]["message"]["content"]
+
+
+def test_both_runtimes_answer_alike(variant_run: VariantRun) -> None:
+    answers = {
+        label: [_ask(mlflow.pyfunc.load_model(_logged(variant_run, label)), m) for m in ASKED]
+        for label in ("transformers-fp32", "onnx-fp32")
+    }
+    contents = {
+        label: [a["choices"][0]["message"]["content"] for a in values]
+        for label, values in answers.items()
+    }
+    assert contents["transformers-fp32"] == contents["onnx-fp32"]
+
+
+def test_the_champion_answers_by_alias_over_http(variant_run: VariantRun, tmp_path: Path) -> None:
+    name = variant_run.parent.data.tags["main.registered"].partition(" v")[0]
+    uri = f"models:/{name}@champion"
+    with model_server(uri, variant_run.tracking_uri, tmp_path / "serve.log") as url:
+        reply = requests.post(
+            f"{url}/invocations",
+            json={"messages": STOP_AT_END, "max_tokens": 16},
+            timeout=120,
+        )
+    assert reply.status_code == 200, reply.text
+    (answer,) = reply.json()
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert "<|" not in answer["choices"][0]["message"]["content"]
