@@ -35,7 +35,7 @@ from steps.config.schema import (
     Runtime,
 )
 from steps.errors import PipelineError
-from steps.onnx.build import build_inputs, build_onnx
+from steps.onnx.build import build_inputs, build_onnx, check_buildable
 from steps.serving.chat import CHAT_EXAMPLE, chat_signature
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
@@ -139,6 +139,7 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
     else:
         build = cfg.onnx_build
         precision = build.name
+        check_buildable(snapshot.model_dir)
         inputs = build_inputs(
             snapshot.manifest.snapshot_id,
             build.precision,

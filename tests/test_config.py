@@ -83,6 +83,11 @@ def test_prebuilt_onnx_export_is_chosen_per_compute_target() -> None:
             "has no prebuilt ONNX export for compute=dml (it has: cpu, cuda)",
         ),
         (
+            ["wrap.onnx_source=both"],
+            "wrap.onnx_source=both, but model=smollm2-135m has no prebuilt ONNX export for "
+            "compute=cpu; use wrap.onnx_source=build",
+        ),
+        (
             ["compute.onnx_candidates=[fp32,int3]"],
             "compute.onnx_candidates: 'int3' starts with an unknown precision 'int3'",
         ),
@@ -145,6 +150,11 @@ def test_the_cpu_sweep_holds_fp32_int8_and_two_int4_builds() -> None:
         "transformers-fp32", "onnx-cpu-int4-rtn-block-32-acc-level-4",
     ]  # fmt: skip
     assert compose_config(["compute=cuda"]).reference_label == "transformers-fp16"
+    both = compose_config(["model=phi3-mini-4k", "wrap.onnx_source=both"])
+    assert both.candidate_labels == [
+        "transformers-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "onnx-int4-k_quant_last",
+        "onnx-cpu-int4-rtn-block-32-acc-level-4",
+    ]  # fmt: skip
 
 
 def test_overrides_parameter_is_split_like_a_shell() -> None:

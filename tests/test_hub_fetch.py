@@ -32,23 +32,27 @@ BIG = os.urandom(12 * MiB)
 WEIGHTS = {
     "config.json": b'{"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}',
     "generation_config.json": b'{"eos_token_id": [32000, 32007]}',
-    "tokenizer_config.json": b'{"eos_token": "<|endoftext|>"}',
+    "tokenizer_config.json": b'{"eos_token": "<|endoftext|>", "chat_template": "{{ messages }}"}',
     "model-00001-of-00001.safetensors": BIG,
     "model.safetensors.index.json": b'{"weight_map": {}}',
     "LICENSE": b"MIT",
     "modeling_phi3.py": b"# remote code: not fetched",
     "README.md": b"# card: not fetched",
 }
+TEMPLATE = {"chat_template.jinja": b"{{ messages }}"}
 ONNX = {
     "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/model.onnx": b"cpu onnx graph",
     "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/genai_config.json": b"{}",
+    "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/chat_template.jinja": b"{{ messages }}",
     "cuda/cuda-int4-rtn-block-32/model.onnx": b"cuda onnx graph",
+    "cuda/cuda-int4-rtn-block-32/chat_template.jinja": b"{{ messages }}",
     "directml/directml-int4-awq-block-128/model.onnx": b"dml onnx graph",
+    "directml/directml-int4-awq-block-128/chat_template.jinja": b"{{ messages }}",
 }
 REPOS = {
     WEIGHTS_REPO: {WEIGHTS_COMMIT: WEIGHTS},
     ONNX_REPO: {ONNX_COMMIT: ONNX},
-    GATED_REPO: {GATED_COMMIT: {"config.json": b'{"gated": true}'}},
+    GATED_REPO: {GATED_COMMIT: {"config.json": b'{"gated": true}', **TEMPLATE}},
 }
 REFS = {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}, GATED_REPO: {"main": GATED_COMMIT}}
 
@@ -100,7 +104,8 @@ def test_prebuilt_onnx_fetches_only_the_compute_targets_subfolder(hub, store, co
     assert cfg.fetch.artifact is FetchArtifact.prebuilt_onnx
     outcome = _fetch(cfg, store)
     assert [entry.path for entry in outcome.manifest.files] == [
-        "cuda/cuda-int4-rtn-block-32/model.onnx"
+        "cuda/cuda-int4-rtn-block-32/chat_template.jinja",
+        "cuda/cuda-int4-rtn-block-32/model.onnx",
     ]
     assert outcome.model_dir.name == "cuda-int4-rtn-block-32"
     assert (outcome.model_dir / "model.onnx").read_bytes() == b"cuda onnx graph"
@@ -164,7 +169,10 @@ def test_gated_repo_without_a_token_says_how_to_get_access(hub, store, compose) 
 def test_gated_repo_with_a_token_is_fetched(hub, store, compose, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     outcome = _fetch(_gated_cfg(compose), store)
-    assert [entry.path for entry in outcome.manifest.files] == ["config.json"]
+    assert [entry.path for entry in outcome.manifest.files] == [
+        "chat_template.jinja",
+        "config.json",
+    ]
     assert TOKEN not in outcome.manifest.to_json()
     assert any(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
 
@@ -195,3 +203,39 @@ def test_unreachable_hub_is_a_clear_error(store, compose, tmp_path, monkeypatch)
     # The server is gone: nothing listens on that port any more (the client retries ~20 s).
     with pytest.raises(FetchError, match=r"cannot reach http://127\.0\.0\.1"):
         _fetch(compose("model=phi3-mini-4k"), store)
+
+
+def _hub_with(weights: dict[str, bytes], onnx: dict[str, bytes], tmp_path, monkeypatch) -> FakeHub:
+    repos = {WEIGHTS_REPO: {WEIGHTS_COMMIT: weights}, ONNX_REPO: {ONNX_COMMIT: onnx}}
+    hub = FakeHub(repos, {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}})
+    hub.patch_client(monkeypatch, tmp_path / "hf-home")
+    return hub
+
+
+def test_a_tokenizer_without_a_chat_template_fails_the_fetch(
+    store, compose, tmp_path, monkeypatch
+) -> None:
+    plain = WEIGHTS | {"tokenizer_config.json": b'{"eos_token": "<|endoftext|>"}'}
+    with _hub_with(plain, ONNX, tmp_path, monkeypatch), pytest.raises(FetchError) as raised:
+        _fetch(compose("model=phi3-mini-4k"), store)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"snapshots/{WEIGHTS_COMMIT}/tokenizer_config.json has no chat_template" in message
+    assert "add" in message and "chat_template.jinja" in message
+
+
+def test_a_prebuilt_folder_missing_at_the_pin_names_the_exports_there(
+    store, compose, tmp_path, monkeypatch
+) -> None:
+    elsewhere = {"cpu_and_mobile/cpu-int4-awq-block-128/genai_config.json": b"{}", **{
+        path: data for path, data in ONNX.items() if not path.startswith("cpu_and_mobile/")
+    }}  # fmt: skip
+    cfg = compose("model=phi3-mini-4k", "fetch.artifact=prebuilt_onnx")
+    with _hub_with(WEIGHTS, elsewhere, tmp_path, monkeypatch), pytest.raises(FetchError) as raised:
+        _fetch(cfg, store)
+    message = str(raised.value)
+    assert (
+        f"{ONNX_REPO}@{ONNX_COMMIT} has no folder 'cpu_and_mobile/cpu-int4-rtn-block-32" in message
+    )
+    assert "(its ONNX exports: cpu_and_mobile/cpu-int4-awq-block-128): set" in message
+    assert "model.prebuilt_onnx.<compute>.subfolder" in message

@@ -51,3 +51,33 @@ def test_upstream_run_ids_reach_each_step_as_strings() -> None:
     assert wrap.onnx_build.options == {"algo_config": "k_quant_last"}
     register = compose_config(settings_of(STEPS["register"]))
     assert register.register.evaluate_run_id == UPSTREAM["evaluate"]
+
+
+def test_both_sources_put_the_builds_and_the_prebuilt_export_side_by_side() -> None:
+    cfg = compose_config(
+        ["model=phi3-mini-4k", "wrap.onnx_source=both", "compute.onnx_candidates=[fp32,int8]"]
+    )
+    steps = pipeline_steps(cfg)
+    assert [step.name for step in steps] == [
+        "fetch", "fetch_onnx", "wrap_transformers", "wrap_onnx.fp32", "wrap_onnx.int8",
+        "wrap_onnx", "evaluate", "register",
+    ]  # fmt: skip
+    upstream = {"fetch": "weights-fetch", "fetch_onnx": "export-fetch"}
+    base = ["model=phi3-mini-4k", "wrap.onnx_source=both"]
+    by_name = {step.name: step for step in steps}
+    built = compose_config(
+        base + as_overrides(upstream_settings(by_name["wrap_onnx.int8"], upstream))
+    )
+    assert (built.wrap.fetch_run_id, built.wrap.onnx_source.value) == ("weights-fetch", "build")
+    assert built.onnx_build.name == "int8"
+    export = compose_config(base + as_overrides(upstream_settings(by_name["wrap_onnx"], upstream)))
+    assert (export.wrap.fetch_run_id, export.wrap.onnx_source.value) == ("export-fetch", "prebuilt")
+
+
+def test_a_wrap_onnx_run_alone_refuses_both_sources() -> None:
+    from steps import wrap_onnx
+    from steps.errors import PipelineError
+
+    cfg = compose_config(["model=phi3-mini-4k", "wrap.onnx_source=both"])
+    with pytest.raises(PipelineError, match=r"use wrap\.onnx_source=build or prebuilt"):
+        wrap_onnx.fetch_artifact(cfg)

@@ -260,3 +260,16 @@ def test_the_champion_answers_by_alias_over_http(variant_run: VariantRun, tmp_pa
     assert answer["object"] == "chat.completion"
     assert answer["choices"][0]["finish_reason"] == "stop"
     assert "<|" not in answer["choices"][0]["message"]["content"]
+
+
+def test_an_architecture_the_builder_cannot_build_fails_before_building(tmp_path: Path) -> None:
+    from steps.errors import PipelineError
+    from steps.onnx.build import check_buildable, supported_architectures
+
+    assert {"Phi3ForCausalLM", "LlamaForCausalLM"} <= supported_architectures()
+    (tmp_path / "config.json").write_text('{"architectures": ["MambaForCausalLM"]}')
+    with pytest.raises(PipelineError) as raised:
+        check_buildable(tmp_path)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'config.json'} names MambaForCausalLM, which the")
+    assert "wrap.onnx_source=prebuilt" in message and "\n" not in message

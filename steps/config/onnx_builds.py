@@ -71,16 +71,21 @@ def check_builder_options(options: dict[str, str], setting: str) -> None:
 
 
 @functools.cache
+def builder_source() -> str:
+    """The installed onnxruntime_genai.models.builder's source ("" if it cannot be found), read
+    instead of imported: importing it pulls in torch and transformers."""
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    if spec is None or spec.origin is None:
+        return ""
+    builder = Path(spec.origin).parent / "models" / "builder.py"
+    return builder.read_text() if builder.is_file() else ""
+
+
+@functools.cache
 def builder_options() -> frozenset[str]:
     """The --extra_options the installed builder documents (empty if it cannot be read: then
     the builder itself is the check)."""
-    spec = importlib.util.find_spec("onnxruntime_genai")
-    if spec is None or spec.origin is None:
-        return frozenset()
-    builder = Path(spec.origin).parent / "models" / "builder.py"
-    if not builder.is_file():
-        return frozenset()
-    source = builder.read_text()
+    source = builder_source()
     start = source.find('"--extra_options"')
     end = source.find("parser.add_argument", start)
     return frozenset(_HELP_OPTION.findall(source[start:end])) if start >= 0 else frozenset()

@@ -1,2 +1,2 @@
 """ONNX builds of a snapshot with onnxruntime-genai's model builder, cached in the store. Imports
-steps.store and steps.errors."""
+steps.config, steps.store and steps.errors."""

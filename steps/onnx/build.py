@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from steps.config.onnx_builds import builder_source
 from steps.errors import PipelineError
 from steps.store.manifest import Manifest
 from steps.store.snapshot_store import SnapshotStore
@@ -45,6 +47,30 @@ def build_inputs(
         "extra_options": dict(sorted(options.items())),
         "onnxruntime_genai": version("onnxruntime-genai"),
     }
+
+
+def supported_architectures() -> frozenset[str]:
+    """The `architectures[0]` values the installed builder makes a model for (read from its
+    source, which dispatches on them; empty if it cannot be read: then the builder checks)."""
+    return frozenset(re.findall(r'architectures\[0\] == "(\w+)"', builder_source()))
+
+
+def check_buildable(snapshot_dir: Path) -> None:
+    """Fail in a line, before the builder loads any weights, on a checkpoint it cannot build."""
+    config = snapshot_dir / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as error:
+        raise PipelineError(f"{config} cannot be read as a model config ({error})") from None
+    known = supported_architectures()
+    if not architectures or (known and architectures[0] not in known):
+        named = architectures[0] if architectures else "no architecture"
+        raise PipelineError(
+            f"{config} names {named}, which the onnxruntime-genai "
+            f"{version('onnxruntime-genai')} builder cannot build (it builds "
+            f"{', '.join(sorted(known))}): use the variant's prebuilt export "
+            "(wrap.onnx_source=prebuilt) where it has one, or serve it with wrap_transformers only"
+        )
 
 
 def build_onnx(

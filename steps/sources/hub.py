@@ -74,6 +74,19 @@ def fetch_hub_snapshot(
     )
 
 
+def onnx_export_folders(repo_id: str, commit: str) -> list[str]:
+    """The folders of a repo at a commit that hold an onnxruntime-genai model (a
+    genai_config.json), for an error message that says what there is instead."""
+    from huggingface_hub import HfApi
+
+    try:
+        tree = HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
+        paths = [entry.path for entry in tree]
+    except HfHubHTTPError:
+        return []
+    return sorted(p.rpartition("/")[0] for p in paths if p.endswith("/genai_config.json"))
+
+
 def _download(repo_id: str, revision: str, allow_patterns: list[str] | None) -> Path:
     where = f"{repo_id} at revision {revision} from {constants.ENDPOINT}"
     log.info("fetching %s", where)

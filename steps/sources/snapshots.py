@@ -9,6 +9,7 @@ files differ.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from steps.config.schema import FetchArtifact, ModelConfig, SourceConfig, SourceKind
 from steps.errors import FetchError
 from steps.sources.bundled import WheelMember, convert_gguf_to_hf, gguf_blob
-from steps.sources.hub import fetch_hub_snapshot
+from steps.sources.hub import fetch_hub_snapshot, onnx_export_folders
 from steps.sources.local import ingest_local_folder
 from steps.store.manifest import Manifest
 from steps.store.snapshot_store import SnapshotStore
@@ -47,8 +48,30 @@ def fetch_snapshot(
             revision=prebuilt.revision,
             allow_patterns=[f"{prebuilt.subfolder}/*"],
         )
-        return _fetch(model.name, source, store, subfolder=prebuilt.subfolder)
-    return _fetch(model.name, model.source, store)
+        outcome = _fetch(model.name, source, store, subfolder=prebuilt.subfolder)
+    else:
+        outcome = _fetch(model.name, model.source, store)
+    check_chat_template(outcome)
+    return outcome
+
+
+def check_chat_template(outcome: FetchOutcome) -> None:
+    """Both runtimes build prompts with the tokenizer's chat template: a snapshot without one
+    fails here, before any wrap or build."""
+    folder, config = outcome.model_dir, outcome.model_dir / "tokenizer_config.json"
+    if (folder / "chat_template.jinja").is_file():
+        return
+    try:
+        settings = json.loads(config.read_text()) if config.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise FetchError(f"{config} is not valid JSON ({error})") from None
+    if settings.get("chat_template"):
+        return
+    raise FetchError(
+        f"{config} has no chat_template (and there is no chat_template.jinja beside it), so "
+        "neither runtime can build a chat prompt from it: use the model's chat/instruct "
+        "checkpoint, or a local source with its template added as chat_template.jinja"
+    )
 
 
 def materialize(manifest: Manifest, store: SnapshotStore) -> FetchOutcome:
@@ -106,9 +129,12 @@ def _from_hub(
             snapshot.commit,
         )
     if subfolder and not (snapshot.path / subfolder).is_dir():
+        exports = onnx_export_folders(source.repo_id, snapshot.commit)
+        there = f"its ONNX exports: {', '.join(exports)}" if exports else "it has no ONNX export"
         raise FetchError(
-            f"{source.repo_id}@{snapshot.commit} has no folder {subfolder!r}: check "
-            "model.prebuilt_onnx in the model config"
+            f"{source.repo_id}@{snapshot.commit} has no folder {subfolder!r} ({there}): set "
+            "model.prebuilt_onnx.<compute>.subfolder to one of them, or build the ONNX model "
+            "with wrap.onnx_source=build"
         )
     record = source.record(resolved_revision=snapshot.commit, subfolder=subfolder)
     manifest = Manifest(model=model, source=record, files=snapshot.files)
