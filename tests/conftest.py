@@ -37,17 +37,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def mlflow_run(
+def mlflow_run_command(
     *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local"
-) -> subprocess.CompletedProcess[str]:
+) -> tuple[list[str], Path | None]:
+    """`mlflow run` of the project, and the folder to run it in."""
     command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", env_manager]
     # `mlflow run` creates the experiment itself, and for a SQLite store MLflow puts its
     # artifacts under ./mlruns: run it beside the database, not in the checkout.
     uri = env["MLFLOW_TRACKING_URI"]
     cwd = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
-    return subprocess.run(
-        [*command, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
-    )
+    return [*command, *args], cwd
+
+
+def mlflow_run(
+    *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local"
+) -> subprocess.CompletedProcess[str]:
+    command, cwd = mlflow_run_command(*args, env=env, project=project, env_manager=env_manager)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:

@@ -44,7 +44,7 @@ ADDED_TOKENS = {
     32009: ("<|placeholder6|>", True),
     32010: ("<|user|>", True),
 }
-ENDOFTEXT, ASSISTANT, END = 32000, 32001, 32007
+ENDOFTEXT, ASSISTANT, SYSTEM, END = 32000, 32001, 32006, 32007
 ROLE_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system'SYSTEM_CONDITION %}"
