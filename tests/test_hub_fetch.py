@@ -5,6 +5,7 @@ Hub serves their repos at their pinned commits."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ ONNX = {
 REPOS = {
     WEIGHTS_REPO: {WEIGHTS_COMMIT: WEIGHTS},
     ONNX_REPO: {ONNX_COMMIT: ONNX},
-    GATED_REPO: {GATED_COMMIT: {"config.json": b'{"gated": true}', **TEMPLATE}},
+    GATED_REPO: {GATED_COMMIT: {"config.json": b'{"model_type": "phi3"}', **TEMPLATE}},
 }
 REFS = {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}, GATED_REPO: {"main": GATED_COMMIT}}
 
@@ -239,3 +240,21 @@ def test_a_prebuilt_folder_missing_at_the_pin_names_the_exports_there(
     )
     assert "(its ONNX exports: cpu_and_mobile/cpu-int4-awq-block-128): set" in message
     assert "model.prebuilt_onnx.<compute>.subfolder" in message
+
+
+def test_a_config_transformers_cannot_read_fails_the_fetch(
+    store, compose, tmp_path, monkeypatch
+) -> None:
+    """Phi-3-mini-128k's first revisions named LongRoPE `su`; transformers 5 no longer reads it."""
+    config = {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "rope_scaling": {"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
+    }  # fmt: skip
+    weights = WEIGHTS | {"config.json": json.dumps(config).encode()}
+    with _hub_with(weights, ONNX, tmp_path, monkeypatch), pytest.raises(FetchError) as raised:
+        _fetch(compose("model=phi3-mini-4k"), store)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"snapshots/{WEIGHTS_COMMIT}/config.json cannot be read by transformers" in message
+    assert "rope_scaling type 'su'" in message and "pin a model.source.revision" in message

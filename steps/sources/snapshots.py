@@ -51,8 +51,41 @@ def fetch_snapshot(
         outcome = _fetch(model.name, source, store, subfolder=prebuilt.subfolder)
     else:
         outcome = _fetch(model.name, model.source, store)
+        check_model_config(outcome)
     check_chat_template(outcome)
     return outcome
+
+
+def check_model_config(outcome: FetchOutcome) -> None:
+    """Both wraps and the ONNX builder read config.json through transformers' AutoConfig: one
+    that this transformers cannot read fails here in a line, not as a later step's traceback."""
+    from transformers import AutoConfig
+
+    config = outcome.model_dir / "config.json"
+    try:
+        AutoConfig.from_pretrained(outcome.model_dir)
+    except Exception as error:  # KeyError, ValueError, OSError...: whatever the reader raised
+        text = str(error).strip().splitlines()
+        said = text[0] if text else type(error).__name__
+        rope = _rope_type(config)
+        hint = (
+            " (rope_scaling type 'su' is LongRoPE's name before mid-2024, which transformers "
+            "no longer reads: later revisions of the repo say 'longrope')"
+            if rope == "su"
+            else ""
+        )
+        raise FetchError(
+            f"{config} cannot be read by transformers {version('transformers')}: {said}{hint}; "
+            "pin a model.source.revision whose config.json it reads"
+        ) from None
+
+
+def _rope_type(config: Path) -> str | None:
+    try:
+        rope = json.loads(config.read_text()).get("rope_scaling")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return rope.get("type") if isinstance(rope, dict) else None
 
 
 def check_chat_template(outcome: FetchOutcome) -> None:
