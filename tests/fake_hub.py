@@ -74,6 +74,13 @@ class _HubError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
+def folder_files(root: Path, prefix: str = "") -> Files:
+    """A folder's files as a repo's `Files`, under `prefix` (a subfolder in the repo)."""
+    return {
+        f"{prefix}{p.relative_to(root)}": p.read_bytes() for p in root.rglob("*") if p.is_file()
+    }
+
+
 def _git_oid(data: bytes) -> str:
     """Git blob id, as the Hub reports in ``oid``/``blobId`` and plain-file ETags."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

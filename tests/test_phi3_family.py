@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import mlflow_run_command, project_env
-from fake_hub import FakeHub
+from fake_hub import FakeHub, folder_files
 from mlflow import MlflowClient
 from phi3_family import (
     END,
@@ -37,17 +37,18 @@ from steps.onnx.build import build_inputs, build_onnx
 from steps.serving.processes import model_server
 from steps.store.snapshot_store import SnapshotStore
 
-# Each test names one variant; the three variants' pipelines share nothing but the Hub.
+# What both runtimes are compared on: a system prompt, an empty one (the 3.5 template leaves
+# it out), and a prompt past the LongRoPE variants' original context.
 PROMPTS = [
     [{"role": "user", "content": "What is 2+2?"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
     [{"role": "system", "content": ""}, {"role": "user", "content": "Name a colour."}],
     [{"role": "user", "content": "Summarise: " + "The quick brown fox jumps over the dog. " * 12}],
 ]
-# Fewer items and tokens; and a random model answers nothing right, so no accuracy floor.
-# The served models refuse an empty message (steps/serving/onnx_chat_model.py); the tokenizers
-# and the templates are compared on one above.
+# The served models refuse an empty message (steps/serving/onnx_chat_model.py): the logged
+# models are asked the others; the tokenizers and templates are compared on all of them.
 ASKED = [m for m in PROMPTS if all(message["content"] for message in m)]
+# Less work than the defaults; a random model answers nothing right, so no accuracy floor.
 FAST = (
     "compute.onnx_candidates=[fp32] evaluate.max_items=12 evaluate.timed_items=4 "
     "evaluate.fidelity.scored_tokens=256 evaluate.max_new_tokens=8 register.min_accuracy=0 "
@@ -60,12 +61,6 @@ class Checkpoint:
     variant: Phi3Variant
     folder: Path  # the weights' file set
     export: Path  # the int4 CPU export's folder
-
-
-def _files(root: Path, prefix: str = "") -> dict[str, bytes]:
-    return {
-        f"{prefix}{p.relative_to(root)}": p.read_bytes() for p in root.rglob("*") if p.is_file()
-    }
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +85,9 @@ def phi3_hub(phi3_checkpoints: dict[str, Checkpoint]) -> Iterator[FakeHub]:
     repos, refs = {}, {}
     for checkpoint in phi3_checkpoints.values():
         v = checkpoint.variant
-        repos[v.repo_id] = {v.revision: _files(checkpoint.folder)}
+        repos[v.repo_id] = {v.revision: folder_files(checkpoint.folder)}
         repos[v.onnx_repo_id] = {
-            v.onnx_revision: _files(checkpoint.export, f"{v.cpu_export}/")
+            v.onnx_revision: folder_files(checkpoint.export, f"{v.cpu_export}/")
             | {"cuda/cuda-int4-rtn-block-32/model.onnx": b"not for this target"}
         }
         refs[v.repo_id] = {"main": v.revision}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, folder_files
 
 from steps import fetch, wrap_onnx, wrap_transformers
 from steps.errors import PipelineError
@@ -26,22 +26,16 @@ CPU_EXPORT = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 pytestmark = pytest.mark.slow
 
 
-def _files(root: Path, prefix: str = "") -> dict[str, bytes]:
-    return {
-        f"{prefix}{p.relative_to(root)}": p.read_bytes() for p in root.rglob("*") if p.is_file()
-    }
-
-
 @pytest.fixture
 def hub_with_bundled_weights(
     bundled_fetch: FetchOutcome, session_cache: Path, tmp_path: Path, monkeypatch
 ):
-    files = _files(bundled_fetch.model_dir)
+    files = folder_files(bundled_fetch.model_dir)
     inputs = build_inputs(bundled_fetch.manifest.snapshot_id, "fp32", "cpu", {})
     built = build_onnx(
         "smollm2-135m", bundled_fetch.model_dir, inputs, SnapshotStore(session_cache)
     )
-    export = _files(built.model_dir, f"{CPU_EXPORT}/") | {"cuda/cuda-fp16/model.onnx": b"gpu"}
+    export = folder_files(built.model_dir, f"{CPU_EXPORT}/") | {"cuda/cuda-fp16/model.onnx": b"gpu"}
     repos = {REPO: {PINNED: files, NEWER: files}, ONNX_REPO: {ONNX_PINNED: export}}
     with FakeHub(repos, refs={REPO: {"main": PINNED}}) as hub:
         hub.patch_client(monkeypatch, tmp_path / "hf-home")
