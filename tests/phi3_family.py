@@ -20,10 +20,14 @@ a token it ends the turn instead, in both runtimes alike.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from steps.config.compose import compose_config
+from steps.config.schema import ModelConfig, PrebuiltOnnx
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SEED = 20260425
@@ -69,12 +73,7 @@ HIDDEN, LAYERS, HEADS, INTERMEDIATE = 64, 2, 4, 128
 class Phi3Variant:
     """What differs between the family's checkpoints (the rest is common to all three)."""
 
-    name: str  # the conf/model option
-    repo_id: str
-    revision: str
-    onnx_repo_id: str
-    onnx_revision: str
-    cpu_export: str  # the real prebuilt subfolder for compute=cpu
+    name: str  # the conf/model option, whose pins the loopback Hub serves
     max_position_embeddings: int
     original_max_position_embeddings: int
     sliding_window: int
@@ -89,6 +88,23 @@ class Phi3Variant:
         object.__setattr__(self, "longrope", longrope)
 
     @property
+    def pins(self) -> ModelConfig:
+        """The variant's shipped config: its weights' and its exports' repos and commits."""
+        return _shipped(self.name)
+
+    @property
+    def repo_id(self) -> str:
+        return self.pins.source.repo_id
+
+    @property
+    def revision(self) -> str:
+        return self.pins.source.revision
+
+    @property
+    def cpu_export(self) -> PrebuiltOnnx:
+        return self.pins.prebuilt_onnx["cpu"]
+
+    @property
     def chat_template(self) -> str:
         return ROLE_TEMPLATE.replace("SYSTEM_CONDITION", self.system_condition)
 
@@ -98,11 +114,6 @@ VARIANTS = {
     for v in (
         Phi3Variant(
             name="phi3-mini-4k",
-            repo_id="microsoft/Phi-3-mini-4k-instruct",
-            revision="3a811845d89f3c1b3f41b341d0f9f05104769f35",
-            onnx_repo_id="microsoft/Phi-3-mini-4k-instruct-onnx",
-            onnx_revision="a484edc37e8f7b425a5aefa25e35905769963681",
-            cpu_export="cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4",
             max_position_embeddings=4096,
             original_max_position_embeddings=4096,
             sliding_window=2047,
@@ -111,11 +122,6 @@ VARIANTS = {
         ),
         Phi3Variant(
             name="phi3-mini-128k",
-            repo_id="microsoft/Phi-3-mini-128k-instruct",
-            revision="38143357bf52ce57009ecbd58cf9f0b0029cb393",
-            onnx_repo_id="microsoft/Phi-3-mini-128k-instruct-onnx",
-            onnx_revision="98a75b8450edbbe7c34b964f34d714f68ce46ff0",
-            cpu_export="cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4",
             # The real 4096 -> 131072 (x32), scaled so that prompts cross the original length.
             max_position_embeddings=2048,
             original_max_position_embeddings=64,
@@ -125,11 +131,6 @@ VARIANTS = {
         ),
         Phi3Variant(
             name="phi3.5-mini",
-            repo_id="microsoft/Phi-3.5-mini-instruct",
-            revision="2fe192450127e6a83f7441aef6e3ca586c338b77",
-            onnx_repo_id="microsoft/Phi-3.5-mini-instruct-onnx",
-            onnx_revision="4236bc73154e9bc39c97ebcc28c4897a0454a815",
-            cpu_export="cpu_and_mobile/cpu-int4-awq-block-128-acc-level-4",
             max_position_embeddings=2048,
             original_max_position_embeddings=64,
             sliding_window=262144,
@@ -139,6 +140,11 @@ VARIANTS = {
         ),
     )
 }
+
+
+@functools.cache
+def _shipped(name: str) -> ModelConfig:
+    return compose_config([f"model={name}"]).model
 
 
 def config_json(variant: Phi3Variant) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def phi3_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Chec
         folder = write_checkpoint(variant, root / name)
         # The export's folder name says what Microsoft built; the builder makes RTN here (AWQ
         # needs calibration data), with the block size the name says.
-        block = variant.cpu_export.split("block-")[1].split("-")[0]
+        block = variant.cpu_export.subfolder.split("block-")[1].split("-")[0]
         options = {"block_size": block} if block != "32" else {}
         inputs = build_inputs(f"phi3-test-{name}", "int4", "cpu", options)
         export = build_onnx(name, folder, inputs, SnapshotStore(root / "exports"))
@@ -86,8 +86,9 @@ def phi3_hub(phi3_checkpoints: dict[str, Checkpoint]) -> Iterator[FakeHub]:
     for checkpoint in phi3_checkpoints.values():
         v = checkpoint.variant
         repos[v.repo_id] = {v.revision: folder_files(checkpoint.folder)}
-        repos[v.onnx_repo_id] = {
-            v.onnx_revision: folder_files(checkpoint.export, f"{v.cpu_export}/")
+        export = v.cpu_export
+        repos[export.repo_id] = {
+            export.revision: folder_files(checkpoint.export, f"{export.subfolder}/")
             | {"cuda/cuda-int4-rtn-block-32/model.onnx": b"not for this target"}
         }
         refs[v.repo_id] = {"main": v.revision}
@@ -162,7 +163,7 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
 def test_the_pipeline_wraps_both_sources_evaluates_and_registers(variant_run: VariantRun) -> None:
     tags = variant_run.parent.data.tags
     v = variant_run.checkpoint.variant
-    export_label = f"onnx-{v.cpu_export.split('/')[-1]}"
+    export_label = f"onnx-{v.cpu_export.subfolder.split('/')[-1]}"
     assert {"main.model_uri.transformers-fp32", "main.model_uri.onnx-fp32",
             f"main.model_uri.{export_label}"} <= set(tags)  # fmt: skip
     fetch_run_id = variant_run.child("fetch").info.run_id
