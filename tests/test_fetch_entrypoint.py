@@ -86,7 +86,8 @@ def test_mlflow_run_with_a_bad_variant_fails_before_any_work(tracking_uri: str) 
 
 
 def test_hf_token_never_reaches_the_run_or_its_logs(tracking_uri: str, tmp_path: Path) -> None:
-    repos = {GATED_REPO: {GATED_COMMIT: {"config.json": b'{"model_type": "phi3"}'}}}
+    files = {"config.json": b'{"model_type": "phi3"}', "chat_template.jinja": b"{{ messages }}"}
+    repos = {GATED_REPO: {GATED_COMMIT: files}}
     with FakeHub(repos, gated={GATED_REPO}, valid_tokens={TOKEN}) as hub:
         overrides = (
             f"model.source.repo_id={GATED_REPO} model.source.revision={GATED_COMMIT} "
