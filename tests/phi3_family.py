@@ -33,7 +33,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SEED = 20260425
 REAL_PIECES = 32000  # Llama's SentencePiece vocabulary; Phi-3's own tokens follow it
 VOCAB_SIZE = 32064  # the embedding rows of every Phi-3 mini (padded past the last token)
-BOS, EOS_SP, UNK = 1, 2, 0
+BOS = 1
 # Phi-3's added tokens: id -> (content, rstrip).
 ADDED_TOKENS = {
     32000: ("<|endoftext|>", False),
@@ -48,7 +48,7 @@ ADDED_TOKENS = {
     32009: ("<|placeholder6|>", True),
     32010: ("<|user|>", True),
 }
-ENDOFTEXT, ASSISTANT, SYSTEM, END = 32000, 32001, 32006, 32007
+ENDOFTEXT, SYSTEM, END = 32000, 32006, 32007
 ROLE_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system'SYSTEM_CONDITION %}"
@@ -191,13 +191,13 @@ def config_json(variant: Phi3Variant) -> dict[str, Any]:
 def _training_text() -> list[str]:
     """The project's own evaluation texts: what the tokenizer will mostly be asked to encode."""
     lines = []
-    for path in (PROJECT_ROOT / "conf" / "evaluate").glob("*.jsonl"):
+    for path in sorted((PROJECT_ROOT / "conf" / "evaluate").glob("*.jsonl")):
         for line in path.read_text().splitlines():
             lines += [str(v) for v in json.loads(line).values() if isinstance(v, str)]
     return lines
 
 
-def tokenizer_json(variant: Phi3Variant) -> dict[str, Any]:
+def tokenizer_json() -> dict[str, Any]:
     """A Llama-style byte-fallback BPE with Phi-3's vocabulary layout and added tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -281,7 +281,7 @@ def write_checkpoint(variant: Phi3Variant, folder: Path) -> Path:
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    spec = tokenizer_json(variant)
+    spec = tokenizer_json()
     _dump(folder / "tokenizer.json", spec)
     _dump(folder / "tokenizer_config.json", tokenizer_config(variant, spec["added_tokens"]))
     _dump(
