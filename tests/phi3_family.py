@@ -278,6 +278,7 @@ def write_checkpoint(variant: Phi3Variant, folder: Path) -> Path:
     """The file set the real repo publishes (without tokenizer.model), with random weights from
     a fixed seed and the forced stops."""
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -301,22 +302,15 @@ def write_checkpoint(variant: Phi3Variant, folder: Path) -> Path:
     (folder / "LICENSE").write_text(LICENSE.format(display=variant.repo_id))
 
     torch.manual_seed(SEED)
-    config = Phi3Config.from_pretrained(folder)
-    model = Phi3ForCausalLM(config).eval()
+    model = Phi3ForCausalLM(Phi3Config.from_pretrained(folder)).eval()
     with torch.no_grad():
         # Wider logit gaps than the 0.02 init gives, so float rounding never flips a greedy pick.
         model.lm_head.weight.mul_(25.0)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     _force_stop(model, tokenizer, END, STOP_AT_END)
     _force_stop(model, tokenizer, ENDOFTEXT, STOP_AT_ENDOFTEXT)
-    model.save_pretrained(folder, safe_serialization=True)
-    # save_pretrained rewrites the configs in transformers' own shape; the published files win.
-    _dump(folder / "config.json", config_json(variant))
-    _dump(
-        folder / "generation_config.json",
-        {"bos_token_id": BOS, "eos_token_id": list(variant.generation_eos),
-         "pad_token_id": ENDOFTEXT, "do_sample": False},
-    )  # fmt: skip
+    # The weights alone: save_pretrained would rewrite the published configs in its own shape.
+    save_file(model.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 

@@ -99,15 +99,23 @@ def build_onnx(
     )
 
 
-def _run_builder(source: Path, output: Path, cache: Path, inputs: dict[str, object]) -> None:
+def builder_command(
+    source: Path, output: Path, cache: Path, inputs: dict[str, object]
+) -> list[str]:
+    """The onnxruntime-genai builder's command line for `build_inputs`."""
     command = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(source), "-o", str(output), "-c", str(cache),
         "-p", str(inputs["precision"]), "-e", str(inputs["execution_provider"]),
     ]  # fmt: skip
-    options = inputs["extra_options"]
-    if options:
+    if options := inputs["extra_options"]:
         command += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
+    return command
+
+
+def _run_builder(source: Path, output: Path, cache: Path, inputs: dict[str, object]) -> None:
+    command = builder_command(source, output, cache, inputs)
+    options = inputs["extra_options"]
     log.info("building the ONNX model: %s", " ".join(command[2:]))
     started = time.monotonic()
     # Echo the builder's progress as it comes, and keep its last lines for the error message.
