@@ -8,6 +8,9 @@
     python -m steps render_job ENTRY_POINT --compute k8s-cpu
                                          (prints the Kubernetes Job MLflow would submit)
 
+    python -m steps serve [--model-uri URI] [--host H] [--port P]
+                                         (an OpenAI-compatible server of the champion)
+
 It turns MLproject parameters into Hydra overrides (`mlflow run` shell-quotes `overrides` into
 one argument, so it is split here with shlex), composes and validates the config once, and calls
 the step's `main(cfg)`. Pipeline errors end as one line on stderr and a non-zero exit code.
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli(argv[1:])
     if argv[:1] == ["render_job"]:
         from steps.backends.kubernetes import cli
+
+        return cli(argv[1:])
+    if argv[:1] == ["serve"]:
+        from steps.serve import cli
 
         return cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m steps", description=__doc__.split("\n\n")[0])

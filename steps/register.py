@@ -37,7 +37,12 @@ from steps.evaluation.selection import fastest_faithful, gate_failures
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel
 from steps.tracking.provenance import git_state
-from steps.tracking.registry import register_version, set_alias, version_by_alias
+from steps.tracking.registry import (
+    register_version,
+    registered_model_name,
+    set_alias,
+    version_by_alias,
+)
 from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
@@ -106,7 +111,7 @@ def pick_alias(
 
 
 def registered_name(cfg: PipelineConfig, chosen: EvaluatedModel) -> str:
-    return f"{cfg.model.name}-{chosen.model.runtime.value}-{cfg.compute.target}"
+    return registered_model_name(cfg.model.name, chosen.model.runtime, cfg.compute.target)
 
 
 def run(cfg: PipelineConfig, candidates: list[EvaluatedModel], reference: str) -> RegisterResult:

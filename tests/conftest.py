@@ -19,8 +19,9 @@ import yaml
 from mlflow import MlflowClient
 from servers import TrackingServer, clean_env, tracking_server
 
+from steps import register
 from steps.config.compose import compose_config
-from steps.config.schema import PipelineConfig
+from steps.config.schema import PipelineConfig, Runtime
 from steps.sources.snapshots import FetchOutcome, fetch_snapshot
 from steps.store.snapshot_store import SnapshotStore
 
@@ -181,3 +182,24 @@ def remote_pipeline(
     print(f"\nmlflow run . cold {seconds[0]:.1f} s, warm {seconds[1]:.1f} s "
           f"({seconds[1] / seconds[0]:.1%})")  # fmt: skip
     return PipelineRuns(remote_tracking, cold, warm, seconds[0], seconds[1], override, temp_dir)
+
+
+# The registered models of the bundled model's pipeline on the cpu target, by runtime.
+REGISTERED = {runtime.value: f"smollm2-135m-{runtime.value}-cpu" for runtime in Runtime}
+
+
+@pytest.fixture(scope="session")
+def champions(remote_pipeline: PipelineRuns) -> PipelineRuns:
+    """The pipeline registered the ONNX model as champion; register the transformers one from
+    the same evaluation too, so both runtimes are served from the registry."""
+    register.main(
+        compose_config(
+            [
+                remote_pipeline.cache_override,
+                "register.choose=transformers",
+                f"tracking.uri={remote_pipeline.server.uri}",
+                "tracking.experiment=e2e",
+            ]
+        )
+    )
+    return remote_pipeline

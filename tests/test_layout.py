@@ -23,6 +23,7 @@ LAYERS = (
     "tracking",
     "backends",
     "reproduce",
+    "serve",
 )
 ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")
 

@@ -11,15 +11,11 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from conftest import PipelineRuns
+from conftest import REGISTERED, PipelineRuns
 
-from steps import register
-from steps.config.compose import compose_config
-from steps.config.schema import Runtime
 from steps.serving.processes import model_server
 
 pytestmark = pytest.mark.slow
-REGISTERED = {runtime.value: f"smollm2-135m-{runtime}-cpu" for runtime in Runtime}
 QUESTIONS = (
     "What is the capital of France?",
     "What is the capital of Japan?",
@@ -50,23 +46,6 @@ class Served:
 
 def chat(question: str, max_tokens: int = 32) -> dict:
     return {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
-
-
-@pytest.fixture(scope="module")
-def champions(remote_pipeline: PipelineRuns) -> PipelineRuns:
-    """The pipeline registered the ONNX model as champion; register the transformers one from
-    the same evaluation too, so both runtimes are served from the registry."""
-    register.main(
-        compose_config(
-            [
-                remote_pipeline.cache_override,
-                "register.choose=transformers",
-                f"tracking.uri={remote_pipeline.server.uri}",
-                "tracking.experiment=e2e",
-            ]
-        )
-    )
-    return remote_pipeline
 
 
 @pytest.fixture(scope="module", params=sorted(REGISTERED))

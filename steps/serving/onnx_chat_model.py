@@ -8,7 +8,9 @@ Requests follow MLflow's `llm/v1/chat` schema, the one the transformers flavor s
 `top_p`, `stop` and `n`. Each answer has `id`, `object`, `created`, `model`, `choices` (with
 `message` and `finish_reason` "stop" or "length") and `usage`. The legacy form
 `{"prompt": "<already templated text>"}` returns the generated string. Every row of a batch is
-answered; `predict_stream` yields OpenAI `chat.completion.chunk` dicts.
+answered; `predict_stream` yields OpenAI `chat.completion.chunk` dicts. An in-process server
+(steps/serve.py) uses `prepare_chat`/`prepare_prompt` and `generate` directly, to stream any
+request form.
 
 Generation goes through one `og.Engine`, which batches the requests that are in flight at the
 same time: concurrent calls (a threaded model server), the rows of a batch and the `n` choices
@@ -74,6 +76,15 @@ class Options:
     n: int
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A checked request: its prompt ids, options, and how many tokens it may generate."""
+
+    ids: np.ndarray
+    options: Options
+    max_new: int
+
+
 @dataclass
 class Completion:
     text: str
@@ -121,20 +132,24 @@ class OnnxChatModel(PythonModel):
         # The loop's thread holds the og.Model; end it when this model object goes away.
         weakref.finalize(self, self._engine.close)
 
+    def close(self) -> None:
+        """End the engine's thread, which frees the model, once no request uses it."""
+        self._engine.close()
+
     # -- pyfunc API ---------------------------------------------------------------------------
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         requests = _requests(model_input, params)
         # Every request is checked before any is started, so a bad row wastes no generation.
         if all("prompt" in request for request in requests):
-            prepared = [self._prepare_prompt(request) for request in requests]
-            started = [self._start(*turn) for turn in prepared]
+            prepared = [self.prepare_prompt(request) for request in requests]
+            started = [self.generate(turn) for turn in prepared]
             texts = [_collect(tokens).text for tokens in started]
             return texts[0] if len(texts) == 1 else texts
-        prepared = [self._prepare_chat(request) for request in requests]
-        started = [[self._start(*turn) for _ in range(turn[1].n)] for turn in prepared]
+        prepared = [self.prepare_chat(request) for request in requests]
+        started = [[self.generate(turn) for _ in range(turn.options.n)] for turn in prepared]
         return [
-            self._chat_answer(len(turn[0]), [_collect(tokens) for tokens in choices])
+            self._chat_answer(len(turn.ids), [_collect(tokens) for tokens in choices])
             for turn, choices in zip(prepared, started, strict=True)
         ]
 
@@ -144,12 +159,12 @@ class OnnxChatModel(PythonModel):
         requests = _requests(model_input, params)
         if len(requests) != 1 or "messages" not in requests[0]:
             raise _bad_request("streaming takes exactly one chat request (with `messages`)")
-        ids, options, max_new = self._prepare_chat(requests[0])
-        if options.n != 1:
+        turn = self.prepare_chat(requests[0])
+        if turn.options.n != 1:
             raise _bad_request("streaming supports n=1 only")
         header = self._header("chat.completion.chunk")
         first = True
-        for piece, finish, count in self._start(ids, options, max_new):
+        for piece, finish, count in self.generate(turn):
             delta = {"role": "assistant", "content": piece} if first else {"content": piece}
             first = False
             if piece:
@@ -157,7 +172,7 @@ class OnnxChatModel(PythonModel):
             if finish is not None:
                 yield header | {
                     "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
-                    "usage": _usage(len(ids), count),
+                    "usage": _usage(len(turn.ids), count),
                 }
 
     # -- requests -----------------------------------------------------------------------------
@@ -211,27 +226,30 @@ class OnnxChatModel(PythonModel):
         )
         return self._tokenizer.encode(prompt)
 
-    def _fit_to_context(self, ids: np.ndarray, options: Options) -> int:
+    def _fit_to_context(self, ids: np.ndarray, options: Options) -> Prepared:
         room = self._context_length - len(ids)
         if room <= 0:
-            raise _bad_request(
+            # OpenAI's code for this case, so that a server can answer it with its own status.
+            raise MlflowException(
                 f"the prompt has {len(ids)} tokens; the model's context window is "
-                f"{self._context_length}: shorten the conversation"
+                f"{self._context_length}: shorten the conversation",
+                error_code=INVALID_PARAMETER_VALUE,
+                code="context_length_exceeded",
             )
-        return min(options.max_new_tokens, room)
+        return Prepared(ids, options, min(options.max_new_tokens, room))
 
-    def _prepare_chat(self, request: dict[str, Any]) -> tuple[np.ndarray, Options, int]:
+    def prepare_chat(self, request: dict[str, Any]) -> Prepared:
+        """Check a chat request ({messages, max_tokens, ...}) and build its prompt ids."""
         options = self._options(request)
-        ids = self._chat_prompt_ids(request.get("messages"))
-        return ids, options, self._fit_to_context(ids, options)
+        return self._fit_to_context(self._chat_prompt_ids(request.get("messages")), options)
 
-    def _prepare_prompt(self, request: dict[str, Any]) -> tuple[np.ndarray, Options, int]:
+    def prepare_prompt(self, request: dict[str, Any]) -> Prepared:
+        """Check a plain-prompt request ({prompt, max_tokens, ...}) and encode it."""
         prompt = request["prompt"]
         if not isinstance(prompt, str) or not prompt:
             raise _bad_request("`prompt` must be a non-empty string")
         options = self._options(request)
-        ids = self._tokenizer.encode(prompt)
-        return ids, options, self._fit_to_context(ids, options)
+        return self._fit_to_context(self._tokenizer.encode(prompt), options)
 
     def _chat_answer(self, prompt_tokens: int, completions: list[Completion]) -> dict[str, Any]:
         return self._header("chat.completion") | {
@@ -256,11 +274,10 @@ class OnnxChatModel(PythonModel):
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _start(
-        self, ids: np.ndarray, options: Options, max_new: int
-    ) -> Iterator[tuple[str, str | None, int]]:
-        """Hand the prompt to the engine now; the returned iterator yields its text."""
-        return self._read(self._engine.submit(ids, options, max_new), options)
+    def generate(self, turn: Prepared) -> Iterator[tuple[str, str | None, int]]:
+        """Hand the prompt to the engine now; the returned iterator yields (text piece, finish
+        reason or None, tokens generated so far). Closing it early cancels the generation."""
+        return self._read(self._engine.submit(turn.ids, turn.options, turn.max_new), turn.options)
 
     def _read(self, turn: Turn, options: Options) -> Iterator[tuple[str, str | None, int]]:
         """Yield (text piece, finish reason or None, tokens generated so far). Text that might

@@ -1,6 +1,7 @@
 """Model servers as child processes on loopback ports: `mlflow models serve` of a registered
-model, started, waited for until it answers, and stopped with its whole process group. The tests
-and bench/serving.py start their servers through here.
+model, or this project's OpenAI-compatible server (`python -m steps serve`), started, waited for
+until it answers, and stopped with its whole process group. The tests and bench/serving.py start
+their servers through here.
 """
 
 from __future__ import annotations
@@ -78,4 +79,24 @@ def model_server(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="mlflow-serve-") as scratch:
         env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=scratch)
         with running(command, env, f"{url}/ping", log):
+            yield url
+
+
+@contextlib.contextmanager
+def openai_server(
+    model_uri: str | None, tracking_uri: str, log: Path, poll_interval: float = 30.0
+) -> Iterator[str]:
+    """`python -m steps serve` of a model (None: its default, the champion) in this environment;
+    yields its base URL once the model is loaded (its /health answers 200)."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "steps", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--poll-interval", str(poll_interval),
+    ]  # fmt: skip
+    if model_uri:
+        command += ["--model-uri", model_uri]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="steps-serve-") as scratch:
+        env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=scratch)
+        with running(command, env, f"{url}/health", log):
             yield url

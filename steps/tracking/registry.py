@@ -10,7 +10,14 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from steps.config.schema import Runtime
+
 log = logging.getLogger(__name__)
+
+
+def registered_model_name(variant: str, runtime: Runtime, target: str) -> str:
+    """`<variant>-<runtime>-<compute target>`: where the register step puts a chosen model."""
+    return f"{variant}-{runtime.value}-{target}"
 
 
 def register_version(

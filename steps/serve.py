@@ -1,0 +1,118 @@
+"""Serve a chat model as an OpenAI-compatible endpoint:
+
+    python -m steps serve [--model-uri URI] [--host 127.0.0.1] [--port 8000]
+        [--poll-interval 30] [--model M] [--compute C]
+
+Without --model-uri it serves `models:/<variant>-<runtime>-<hardware>@champion`, the name the
+register step uses, for the default (or given) model variant and compute target: of the two
+runtimes' registered models, the one whose champion was registered last. The registry is the
+one the steps use (MLFLOW_TRACKING_URI, else the project's mlflow.db). Any `models:/`, `runs:/`
+or local model URI of either runtime works too. A `models:/name@alias` URI is followed: every
+--poll-interval seconds the alias is read again and a new version is switched in without
+dropping a request (steps/serving/follow.py). Routes: steps/serving/openai_api.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import mlflow
+
+from steps.config.compose import compose_config
+from steps.config.schema import Runtime
+from steps.errors import ConfigError, PipelineError
+from steps.serving.follow import AliasFollower, Holder, Source, download_and_load, resolve_alias
+from steps.serving.openai_api import create_app
+from steps.tracking.registry import registered_model_name, version_by_alias
+from steps.tracking.runs import check_tracking_server, default_tracking_uri
+
+log = logging.getLogger("steps.serve")
+ALIAS = "champion"
+
+
+def champion_uri(model: str | None, compute: str | None) -> str:
+    """`models:/<name>@champion` of the runtime whose champion was registered last."""
+    overrides = [f"{group}={value}" for group, value in (("model", model), ("compute", compute))]
+    cfg = compose_config([o for o in overrides if not o.endswith("=None")])
+    names = [
+        registered_model_name(cfg.model.name, runtime, cfg.compute.target) for runtime in Runtime
+    ]
+    champions = [(v, name) for name in names if (v := version_by_alias(name, ALIAS)) is not None]
+    if not champions:
+        raise PipelineError(
+            f"no registered model has a {ALIAS!r} alias ({' or '.join(names)} at "
+            f"{mlflow.get_tracking_uri()}); run the pipeline first (make run), or pass --model-uri"
+        )
+    _, name = max(champions, key=lambda found: int(found[0].creation_timestamp))
+    return f"models:/{name}@{ALIAS}"
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m steps serve", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model-uri", help="models:/, runs:/ or local model URI "
+                        "(default: the default variant's champion)")  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--poll-interval", type=float, default=30.0,
+                        help="seconds between reads of a followed alias")  # fmt: skip
+    parser.add_argument("--model", help="model variant for the default URI (conf/model/)")
+    parser.add_argument("--compute", help="compute target for the default URI (conf/compute/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.poll_interval <= 0:
+            raise ConfigError(f"--poll-interval must be positive, got {args.poll_interval}")
+        uri = default_tracking_uri()
+        check_tracking_server(uri)
+        mlflow.set_tracking_uri(uri)
+        source = resolve_alias(args.model_uri or champion_uri(args.model, args.compute))
+        serve(source, args.host, args.port, args.poll_interval)
+    except PipelineError as error:
+        print(f"error: serve: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+def serve(source: Source, host: str, port: int, poll_interval: float) -> None:
+    """Answer on host:port at once (/health says 503 until the model is loaded); load the model
+    in the background; follow the alias, if there is one."""
+    import uvicorn
+
+    holder = Holder()
+    with tempfile.TemporaryDirectory(prefix="steps-serve-") as scratch:
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(holder), host=host, port=port, log_level="warning")
+        )
+        failed: list[BaseException] = []
+
+        def load_first() -> None:
+            try:
+                holder.switch(download_and_load(source, Path(scratch)))
+            except Exception as error:
+                failed.append(error)
+                server.should_exit = True
+                return
+            log.info("serving %s as %r on http://%s:%d/v1", source.pinned_uri,
+                     source.model_id, host, port)  # fmt: skip
+            if source.alias:
+                follower.start()
+
+        follower = AliasFollower(
+            holder, source, poll_interval, lambda moved: download_and_load(moved, Path(scratch))
+        )
+        threading.Thread(target=load_first, name="first-load", daemon=True).start()
+        server.run()
+        follower.stop()
+        holder.close()
+    if failed:
+        error = failed[0]
+        raise PipelineError(f"cannot load {source.pinned_uri}: {error}") from None

@@ -1,0 +1,423 @@
+"""The OpenAI-compatible HTTP API over a served chat model (FastAPI): `POST /v1/chat/completions`
+and `POST /v1/completions` (answers, or server-sent event streams ending in `data: [DONE]`),
+`GET /v1/models`, `GET /health`.
+
+Requests are checked here, each problem answered in one sentence as OpenAI's error object
+(`{"error": {"message", "type", "param", "code"}}`) with the right status: 400 for a bad request
+(including a field the model cannot honour, such as `tools`, rather than ignoring it), 404 for an
+unknown model or route, 413 for a prompt longer than the context window, 503 before a model is
+loaded, 500 (one line, no traceback) otherwise. Generation runs in one thread per choice,
+which hands each decoded piece to the event loop at once; a client that goes away stops its
+generation (freeing its slot in the ONNX engine) at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from steps.serving.follow import Holder, Loaded
+from steps.serving.served_models import RequestError
+
+log = logging.getLogger(__name__)
+
+MAX_CHOICES = 8
+MAX_STOPS = 4
+# OpenAI request fields the models cannot honour. Each is accepted only with a value that asks
+# for nothing (`asks_for_nothing`), so a client that sends the neutral default still works, and
+# one that relies on the feature is told.
+UNSUPPORTED = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs",
+    "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty", "response_format",
+    "seed", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
+    "echo", "suffix", "best_of",
+)  # fmt: skip
+# Fields OpenAI defines that change nothing here: accepted and not used.
+IGNORED = ("user", "store", "metadata", "service_tier")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_template_message(self) -> dict[str, str]:
+        """The {role, content} the chat templates take (OpenAI's `developer` is the system
+        prompt of newer clients)."""
+        text = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(part.text for part in self.content)
+        )
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: str | list[str] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS or not all(stops):
+            raise ValueError(f"give at most {MAX_STOPS} non-empty stop strings")
+        return stops
+
+    def generation(self, max_tokens: int | None) -> dict[str, Any]:
+        request = {"max_tokens": max_tokens, "temperature": self.temperature,
+                   "top_p": self.top_p, "stop": self.stop}  # fmt: skip
+        return {key: value for key, value in request.items() if value is not None}
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    def requests(self) -> list[dict[str, Any]]:
+        if None not in (self.max_tokens, self.max_completion_tokens) and (
+            self.max_tokens != self.max_completion_tokens
+        ):
+            raise RequestError(
+                "give `max_completion_tokens` or `max_tokens` (its older name), not both with "
+                "different values",
+                param="max_tokens",
+            )
+        limit = self.max_completion_tokens or self.max_tokens
+        messages = [message.as_template_message() for message in self.messages]
+        return [{"messages": messages} | self.generation(limit)] * self.n
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+
+    def requests(self) -> list[dict[str, Any]]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return [
+            {"prompt": prompt} | self.generation(self.max_tokens)
+            for prompt in prompts
+            for _ in range(self.n)
+        ]
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+               503: "service_unavailable", 500: "server_error"}  # fmt: skip
+
+
+def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "invalid_request_error")
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+def asks_for_nothing(key: str, value: Any) -> bool:
+    if value is None or value is False or value in ("", "none", "auto", [], {}, {"type": "text"}):
+        return True
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and value == (1 if key == "best_of" else 0)
+
+
+def parse(kind: type[Sampling], body: Any) -> Sampling:
+    """The request, or a RequestError naming the first thing wrong with it in one sentence."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for key in UNSUPPORTED:
+        if key in body and not asks_for_nothing(key, body[key]):
+            raise RequestError(
+                f"`{key}` is not supported by this model; leave it out", param=key,
+                code="unsupported_parameter",
+            )  # fmt: skip
+    body = {key: value for key, value in body.items() if key not in (*UNSUPPORTED, *IGNORED)}
+    try:
+        return kind.model_validate(body)
+    except ValidationError as error:
+        raise RequestError(*_first_problem(error)) from None
+
+
+def _first_problem(error: ValidationError) -> tuple[str, int, str]:
+    problem = error.errors(include_url=False)[0]
+    param = "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}"
+        for part in problem["loc"]
+        if not _union_branch(part)
+    ).lstrip(".")
+    if problem["type"] == "extra_forbidden":
+        return f"`{param}` is not a field of this request", 400, param
+    if problem["type"] == "missing":
+        return f"`{param}` is required", 400, param
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"`{param}`: {message[0].lower()}{message[1:]}, got {problem['input']!r}", 400, param
+
+
+def _union_branch(part: str | int) -> bool:
+    """pydantic names the branch of a union it tried (`str`, `list[TextPart]`) in the path."""
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or any(c in part for c in "[]()-")
+    )
+
+
+class Pumps:
+    """One thread per choice moves the model's pieces onto the event loop's queue; when the
+    reader goes away (`abandon`), each thread stops reading, which stops its generation."""
+
+    DONE = object()
+
+    def __init__(self, loaded: Loaded, prepared: list[Any]):
+        self._loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._abandoned = threading.Event()
+        for index, turn in enumerate(prepared):
+            pieces = loaded.model.generate(turn)  # the ONNX engine takes the turn now
+            threading.Thread(target=self._pump, args=(index, pieces), daemon=True).start()
+
+    def _pump(self, index: int, pieces: Iterator) -> None:
+        try:
+            for piece in pieces:
+                if self._abandoned.is_set():
+                    break
+                self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, piece))
+            outcome: Any = self.DONE
+        except Exception as error:
+            outcome = error
+        finally:
+            pieces.close()
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, outcome))
+
+    def abandon(self) -> None:
+        self._abandoned.set()
+
+
+async def pieces_of(loaded: Loaded, prepared: list[Any]) -> AsyncIterator[tuple[int, tuple]]:
+    """(choice index, (text, finish reason or None, tokens so far)) as they are decoded."""
+    pumps = Pumps(loaded, prepared)
+    remaining = len(prepared)
+    try:
+        while remaining:
+            index, item = await pumps.queue.get()
+            if item is Pumps.DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:  # answered, failed, or the client went away
+        pumps.abandon()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+class Api:
+    """The routes over a Holder; `active` counts generations in flight (GET /health)."""
+
+    def __init__(self, holder: Holder):
+        self.holder = holder
+        self.active = 0
+
+    def check_model(self, loaded: Loaded, requested: str) -> None:
+        if requested != loaded.source.model_id:
+            raise RequestError(
+                f"model {requested!r} is not served here; this server serves "
+                f"{loaded.source.model_id!r} (GET /v1/models)",
+                status=404, param="model", code="model_not_found",
+            )  # fmt: skip
+
+    def fingerprint(self, loaded: Loaded) -> str:
+        return f"{loaded.source.model_id}:{loaded.source.version or loaded.model.runtime}"
+
+    async def answer(self, request: Request, kind: type[Sampling], chat: bool):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return error_response(400, f"the request body is not valid JSON: {error}")
+        loaded = self.holder.lease()
+        if loaded is None:
+            return error_response(503, "the model is still loading; retry shortly (GET /health)")
+        try:
+            parsed = parse(kind, body)
+            self.check_model(loaded, parsed.model)
+            turns = parsed.requests()
+            prepared = [loaded.model.prepare(turn) for turn in turns]
+        except RequestError as error:
+            loaded.release()
+            return error_response(error.status, str(error), error.param, error.code)
+        prompt_tokens = sum(loaded.model.prompt_tokens(p) for p in prepared[:: parsed.n])
+        header = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": loaded.source.model_id,
+            "system_fingerprint": self.fingerprint(loaded),
+        }
+        if parsed.stream:
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            events = self._events(loaded, prepared, header, chat, prompt_tokens, include_usage)
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            return await self._whole(loaded, prepared, header, chat, prompt_tokens)
+        finally:
+            loaded.release()
+
+    async def _whole(self, loaded, prepared, header, chat: bool, prompt_tokens: int):
+        texts = [[] for _ in prepared]
+        finishes: list[str | None] = [None] * len(prepared)
+        counts = [0] * len(prepared)
+        self.active += 1
+        try:
+            async for index, (piece, finish, count) in pieces_of(loaded, prepared):
+                texts[index].append(piece)
+                finishes[index] = finish or finishes[index]
+                counts[index] = count
+        finally:
+            self.active -= 1
+        choices = []
+        for index, parts in enumerate(texts):
+            text = "".join(parts)
+            choice = {"index": index, "finish_reason": finishes[index] or "length",
+                      "logprobs": None}  # fmt: skip
+            message = {"role": "assistant", "content": text}
+            choice |= {"message": message} if chat else {"text": text}
+            choices.append(choice)
+        return JSONResponse(
+            header
+            | {
+                "object": "chat.completion" if chat else "text_completion",
+                "choices": choices,
+                "usage": usage(prompt_tokens, sum(counts)),
+            }
+        )
+
+    async def _events(self, loaded, prepared, header, chat, prompt_tokens, include_usage):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        counts = [0] * len(prepared)
+
+        def event(choices: list[dict], **extra) -> str:
+            chunk = header | {"object": kind, "choices": choices} | extra
+            if include_usage and "usage" not in extra:
+                chunk["usage"] = None
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        def choice(index: int, text: str | None, finish: str | None, first: bool = False):
+            if not chat:
+                return {"index": index, "text": text or "", "finish_reason": finish,
+                        "logprobs": None}  # fmt: skip
+            delta = {"role": "assistant", "content": text} if first else {}
+            if text and not first:
+                delta = {"content": text}
+            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+        self.active += 1
+        try:
+            if chat:  # OpenAI's first chunk of each choice names the role
+                yield event([choice(i, "", None, first=True) for i in range(len(prepared))])
+            async for index, (piece, finish, count) in pieces_of(loaded, prepared):
+                counts[index] = count
+                if piece:
+                    yield event([choice(index, piece, None)])
+                if finish is not None:
+                    yield event([choice(index, None, finish)])
+            if include_usage:
+                yield event([], usage=usage(prompt_tokens, sum(counts)))
+            yield "data: [DONE]\n\n"
+        except Exception as error:  # the status line is sent: say it in the stream
+            log.exception("generation failed")
+            message = f"generation failed: {str(error).splitlines()[0]}"
+            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+        finally:
+            self.active -= 1
+            loaded.release()
+
+
+def create_app(holder: Holder) -> FastAPI:
+    app = FastAPI(title="llm-to-mlflow OpenAI-compatible server", docs_url=None, redoc_url=None)
+    api = Api(holder)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            return error_response(404, f"no route {request.method} {request.url.path}; this "
+                                  "server answers /v1/chat/completions, /v1/completions, "
+                                  "/v1/models and /health")  # fmt: skip
+        if error.status_code == 405:
+            return error_response(400, f"{request.method} is not allowed on {request.url.path}")
+        return error_response(error.status_code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        log.exception("request failed")
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return error_response(500, f"the server failed to answer: {first_line}")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await api.answer(request, ChatRequest, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await api.answer(request, CompletionRequest, chat=False)
+
+    @app.get("/v1/models")
+    async def models():
+        loaded = holder.current
+        if loaded is None:
+            return error_response(503, "the model is still loading; retry shortly")
+        source = loaded.source
+        entry = {
+            "id": source.model_id,
+            "object": "model",
+            "created": int(loaded.loaded_at),
+            "owned_by": "llm-to-mlflow",
+            "runtime": loaded.model.runtime,
+            "model_uri": source.uri,
+            "registered_name": source.registered_name,
+            "alias": source.alias,
+            "version": source.version,
+        }
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/health")
+    async def health():
+        loaded = holder.current
+        if loaded is None:
+            return error_response(503, "the model is still loading")
+        return {"status": "ok", "model": loaded.source.model_id,
+                "version": loaded.source.version, "active_requests": api.active}  # fmt: skip
+
+    return app

@@ -1,0 +1,120 @@
+"""The OpenAI-compatible server's own request checks (steps/serving/openai_api.py) and the stop-
+string scanner of its transformers runtime: each bad request is named in one short sentence with
+the field it concerns, never MLflow's schema dump. The server itself, over HTTP with the official
+client, is in test_openai_server.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from steps.serving.openai_api import ChatRequest, CompletionRequest, parse
+from steps.serving.served_models import RequestError, StopScanner
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def chat(**fields) -> dict:
+    return {"model": "m", "messages": HELLO} | fields
+
+
+def test_a_chat_request_becomes_one_model_request_per_choice() -> None:
+    parsed = parse(
+        ChatRequest,
+        chat(
+            messages=[
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text",
+                                                                                "text": "there"}]},
+            ],
+            max_completion_tokens=5, temperature=0, stop="\n", n=2,
+        ),
+    )  # fmt: skip
+    turns = parsed.requests()
+    assert (
+        turns
+        == [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi there"},
+                ],
+                "max_tokens": 5,
+                "temperature": 0,
+                "stop": ["\n"],
+            }
+        ]
+        * 2
+    )
+
+
+def test_a_completion_request_with_several_prompts_asks_each_n_times() -> None:
+    parsed = parse(CompletionRequest, {"model": "m", "prompt": ["a", "b"], "n": 2})
+    assert [turn["prompt"] for turn in parsed.requests()] == ["a", "a", "b", "b"]
+
+
+def test_fields_the_model_cannot_honour_are_accepted_only_when_they_ask_for_nothing() -> None:
+    neutral = chat(tools=[], logprobs=False, frequency_penalty=0, response_format={"type": "text"},
+                   user="alice", seed=None)  # fmt: skip
+    assert parse(ChatRequest, neutral).requests()[0]["messages"] == HELLO
+
+
+BAD = {
+    "negative temperature": (chat(temperature=-1), "temperature", "greater than or equal to 0"),
+    "content not a string": (
+        chat(messages=[{"role": "user", "content": 42}]),
+        "messages[0].content",
+        "42",
+    ),
+    "no messages": (chat(messages=[]), "messages", "at least 1"),
+    "unknown role": (
+        chat(messages=[{"role": "wizard", "content": "hi"}]),
+        "messages[0].role",
+        "wizard",
+    ),
+    "tools": (
+        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        "tools",
+        "not supported",
+    ),
+    "logprobs": (chat(logprobs=True), "logprobs", "not supported"),
+    "unknown field": (chat(colour="red"), "colour", "not a field"),
+    "too many stops": (chat(stop=list("abcde")), "stop", "at most 4"),
+    "too many choices": (chat(n=9), "n", "less than or equal to 8"),
+    "zero max_tokens": (chat(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+    "temperature as a string": (chat(temperature="hot"), "temperature", "'hot'"),
+    "no model": ({"messages": HELLO}, "model", "required"),
+    "two different limits": (chat(max_tokens=4, max_completion_tokens=8), "max_tokens", "not both"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_request_is_named_in_one_short_sentence(case: str) -> None:
+    body, param, says = BAD[case]
+    with pytest.raises(RequestError) as raised:
+        parse(ChatRequest, body).requests()
+    message = str(raised.value)
+    assert raised.value.status == 400
+    assert raised.value.param == param
+    assert says in message and f"`{param}`" in message
+    assert "\n" not in message and len(message) < 200, message
+
+
+def test_a_body_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(RequestError, match="JSON object"):
+        parse(ChatRequest, ["hello"])
+
+
+def test_the_stop_scanner_holds_back_what_may_start_a_stop_string() -> None:
+    scanner = StopScanner(("END",))
+    assert scanner.add("Hello E") == ("Hello", False)  # " E": its last two may start END
+    assert scanner.add("N") == (" ", False)
+    assert scanner.add("Dless") == ("", True)
+    plain = StopScanner(())
+    assert plain.add("abc") == ("abc", False)
+    assert plain.rest() == ""
+
+
+def test_the_stop_scanner_gives_back_held_text_when_the_answer_ends() -> None:
+    scanner = StopScanner(("\n\n",))
+    assert scanner.add("one\n") == ("one", False)
+    assert scanner.rest() == "\n"
