@@ -23,7 +23,7 @@ from deploy import images
 
 DEPLOY = PROJECT_ROOT / "deploy"
 FULL_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-MANIFESTS = ("cronjob.yaml", "cache-pvc.yaml")
+MANIFESTS = ("cronjob.yaml", "cache-pvc.yaml", "serve.yaml")
 
 
 def manifest(name: str) -> list[dict]:
@@ -141,6 +141,30 @@ def test_the_cronjob_requests_resources_and_runs_as_the_image_user(cronjob, pod,
 
 def workflow() -> dict:
     return yaml.safe_load((DEPLOY / "github-actions" / "scheduled-pipeline.yml").read_text())
+
+
+def test_the_server_deployment_serves_the_champion_at_the_pinned_commit() -> None:
+    deployment, service = (typed(document) for document in manifest("serve.yaml"))
+    pod = deployment.spec.template.spec
+    (checkout,) = pod.init_containers
+    (server,) = pod.containers
+    assert server.command == ["python", "-m", "steps", "serve"]
+    assert "--model-uri" not in server.args  # the default: the champion alias, followed
+    assert server.args[server.args.index("--host") + 1] == "0.0.0.0"
+    # Ready only once the model is loaded: /health answers 503 until then.
+    for probe in (server.readiness_probe, server.startup_probe):
+        assert probe.http_get.path == "/health" and probe.http_get.port == "http"
+    checkout_env = env_of(checkout)
+    assert FULL_COMMIT.match(checkout_env["PIPELINE_COMMIT"].value)
+    assert "$(PIPELINE_COMMIT)" in " ".join(checkout.args)
+    assert server.working_dir.startswith(checkout.volume_mounts[0].mount_path)
+    assert checkout.image == server.image and server.image.endswith("/" + images.image_tag("cpu"))
+    tracking = env_of(server)["MLFLOW_TRACKING_URI"].value_from.secret_key_ref
+    assert (tracking.name, tracking.key) == ("llm-to-mlflow", "tracking-uri")
+    assert service.spec.selector == deployment.spec.selector.match_labels
+    (port,) = service.spec.ports
+    assert port.target_port == "http" and server.ports[0].name == "http"
+    assert deployment.spec.strategy.rolling_update.max_unavailable == 0
 
 
 def test_the_workflow_matches_the_github_actions_schema() -> None:
