@@ -206,13 +206,13 @@ def test_eight_streaming_clients_get_their_own_answers(served: Served) -> None:
     with ThreadPoolExecutor(8) as clients:
         answers = list(clients.map(stream, batch))
     assert answers == [alone[question] for question in batch]
-    assert served.health()["active_requests"] == 0
+    assert served.health()["generating"] == 0
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_generation(served: Served) -> None:
     body = {
         "model": served.model_id, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
-        "max_tokens": 400, "temperature": 0, "stream": True,
+        "max_tokens": 200, "temperature": 0, "stream": True,
     }  # fmt: skip
     started = time.monotonic()
     whole = served.client().completions.create(**(body | {"stream": False}))
@@ -221,14 +221,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_generation(served: Serve
     with requests.post(f"{served.url}/v1/completions", json=body, stream=True, timeout=60) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith(b"data: "))
-        assert served.health()["active_requests"] == 1
+        assert served.health()["generating"] == 1
     left = time.monotonic()
-    while served.health()["active_requests"] and time.monotonic() - left < full_seconds:
+    while served.health()["generating"] and time.monotonic() - left < full_seconds:
         time.sleep(0.05)
     freed_after = time.monotonic() - left
     print(f"\n{served.runtime}: freed {freed_after:.2f} s after the disconnect "
           f"(the whole answer takes {full_seconds:.1f} s)")  # fmt: skip
-    assert served.health()["active_requests"] == 0
+    assert served.health()["generating"] == 0
     assert freed_after < full_seconds / 4
     assert "Tokyo" in ask(served)
 

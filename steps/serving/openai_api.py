@@ -188,18 +188,33 @@ def _union_branch(part: str | int) -> bool:
     )
 
 
+class Counter:
+    """Generations running now (GET /health's `generating`): a generation counts until the
+    model has stopped it, not merely until its client has gone."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, step: int) -> None:
+        with self._lock:
+            self.value += step
+
+
 class Pumps:
     """One thread per choice moves the model's pieces onto the event loop's queue; when the
     reader goes away (`abandon`), each thread stops reading, which stops its generation."""
 
     DONE = object()
 
-    def __init__(self, loaded: Loaded, prepared: list[Any]):
+    def __init__(self, loaded: Loaded, prepared: list[Any], running: Counter):
         self._loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self._abandoned = threading.Event()
+        self._running = running
         for index, turn in enumerate(prepared):
             pieces = loaded.model.generate(turn)  # the ONNX engine takes the turn now
+            running.add(1)
             threading.Thread(target=self._pump, args=(index, pieces), daemon=True).start()
 
     def _pump(self, index: int, pieces: Iterator) -> None:
@@ -212,16 +227,19 @@ class Pumps:
         except Exception as error:
             outcome = error
         finally:
-            pieces.close()
+            pieces.close()  # stops the generation (the ONNX engine drops it at its next step)
+            self._running.add(-1)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, outcome))
 
     def abandon(self) -> None:
         self._abandoned.set()
 
 
-async def pieces_of(loaded: Loaded, prepared: list[Any]) -> AsyncIterator[tuple[int, tuple]]:
+async def pieces_of(
+    loaded: Loaded, prepared: list[Any], running: Counter
+) -> AsyncIterator[tuple[int, tuple]]:
     """(choice index, (text, finish reason or None, tokens so far)) as they are decoded."""
-    pumps = Pumps(loaded, prepared)
+    pumps = Pumps(loaded, prepared, running)
     remaining = len(prepared)
     try:
         while remaining:
@@ -242,11 +260,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class Api:
-    """The routes over a Holder; `active` counts generations in flight (GET /health)."""
+    """The routes over a Holder."""
 
     def __init__(self, holder: Holder):
         self.holder = holder
-        self.active = 0
+        self.generations = Counter()
 
     def check_model(self, loaded: Loaded, requested: str) -> None:
         if requested != loaded.source.model_id:
@@ -299,14 +317,10 @@ class Api:
         texts = [[] for _ in prepared]
         finishes: list[str | None] = [None] * len(prepared)
         counts = [0] * len(prepared)
-        self.active += 1
-        try:
-            async for index, (piece, finish, count) in pieces_of(loaded, prepared):
-                texts[index].append(piece)
-                finishes[index] = finish or finishes[index]
-                counts[index] = count
-        finally:
-            self.active -= 1
+        async for index, (piece, finish, count) in pieces_of(loaded, prepared, self.generations):
+            texts[index].append(piece)
+            finishes[index] = finish or finishes[index]
+            counts[index] = count
         choices = []
         for index, parts in enumerate(texts):
             text = "".join(parts)
@@ -343,11 +357,12 @@ class Api:
                 delta = {"content": text}
             return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 
-        self.active += 1
         try:
             if chat:  # OpenAI's first chunk of each choice names the role
                 yield event([choice(i, "", None, first=True) for i in range(len(prepared))])
-            async for index, (piece, finish, count) in pieces_of(loaded, prepared):
+            async for index, (piece, finish, count) in pieces_of(
+                loaded, prepared, self.generations
+            ):
                 counts[index] = count
                 if piece:
                     yield event([choice(index, piece, None)])
@@ -361,7 +376,6 @@ class Api:
             message = f"generation failed: {str(error).splitlines()[0]}"
             yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
         finally:
-            self.active -= 1
             loaded.release()
 
 
@@ -418,6 +432,6 @@ def create_app(holder: Holder) -> FastAPI:
         if loaded is None:
             return error_response(503, "the model is still loading")
         return {"status": "ok", "model": loaded.source.model_id,
-                "version": loaded.source.version, "active_requests": api.active}  # fmt: skip
+                "version": loaded.source.version, "generating": api.generations.value}  # fmt: skip
 
     return app

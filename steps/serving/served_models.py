@@ -149,9 +149,10 @@ class TransformersServed:
 
         tokens: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
         cancelled = threading.Event()
-        threading.Thread(
+        worker = threading.Thread(
             target=self._generate, args=(prepared, tokens, cancelled), daemon=True
-        ).start()
+        )
+        worker.start()
         decoder = DecodeStream(skip_special_tokens=True)
         backend = self._tokenizer.backend_tokenizer
         scanner = StopScanner(prepared.stop)
@@ -180,6 +181,7 @@ class TransformersServed:
         finally:
             if not ended:  # a stop string, or a reader that went away
                 cancelled.set()
+                worker.join()  # generate() stops at its next step
 
     def _generate(self, prepared: TransformersRequest, tokens, cancelled: threading.Event):
         import torch
