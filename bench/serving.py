@@ -1,6 +1,8 @@
-"""Requests/s and latency of the logged chat models at 1, 4 and 8 concurrent clients, served two
-ways side by side: over HTTP by a real `mlflow models serve` process, and in-process through
-`mlflow.pyfunc.load_model(...).predict`.
+"""Requests/s and latency of the logged chat models at 1, 4 and 8 concurrent clients, served
+side by side: over HTTP by a real `mlflow models serve` process (`mlflow-serve`), by this
+project's OpenAI-compatible server `python -m steps serve` through the official `openai` client,
+answers whole (`openai`) and streamed (`openai-stream`, with time to first token), and
+in-process through `mlflow.pyfunc.load_model(...).predict` (`in-process`).
 
     python -m bench.serving [--model smollm2-135m] [--compute cpu] [--runtimes onnx transformers]
         [--clients 1 4 8] [--requests 48] [--max-tokens 32] [--onnx-model-uri URI]
@@ -10,19 +12,21 @@ Models: the pipeline's wrap_transformers and wrap_onnx models in the bench's tra
 (bench/models.py). --onnx-model-uri serves another ONNX model instead (e.g. another precision's
 wrap_onnx model in the same store).
 
-Per runtime, `mlflow models serve -m <uri> --env-manager local` starts on a loopback port (one
-uvicorn worker, MLflow's default; its log is --out/serve-<runtime>.log) and the same model is
-loaded in this process. Each mode gets one untimed warm-up request. Then, for each client count
-in turn, HTTP and in-process are timed one after the other: N client threads share --requests
+Per runtime, `mlflow models serve -m <uri> --env-manager local` (one uvicorn worker, MLflow's
+default) and `python -m steps serve --model-uri <uri>` start on loopback ports (logs:
+--out/serve-<runtime>.log, --out/openai-<runtime>.log) and the same model is loaded in this
+process. Each mode gets one untimed warm-up request. Then, for each client count in turn, the
+modes are timed one after the other: N client threads share --requests
 greedy chat requests (`max_tokens` --max-tokens, `temperature` 0; the questions cycle through
 QUESTIONS), and each client sends its next request as soon as its previous answer arrives.
 
 Per level: wall time, requests/s (answered requests / wall), output tokens/s (sum of
-`usage.completion_tokens` / wall), p50 and p95 latency of the answered requests, errors (non-200
+`usage.completion_tokens` / wall), p50 and p95 latency of the answered requests (streamed: until
+the last chunk), p50 and p95 time to the first content chunk (streamed only), errors (non-200
 answers, transport errors, exceptions from `predict`), scaling (requests/s over the same runtime
 and mode's 1-client requests/s), and how many answers differ from the answer the same question
-got at 1 client in the same mode (greedy decoding should make them equal). For HTTP also the
-HTTP cost: its requests/s over in-process requests/s at the same client count.
+got at 1 client in the same mode (greedy decoding should make them equal). For the servers also
+their cost: requests/s over in-process requests/s at the same client count.
 
 Results: --out/serving.json, --out/serving.md (also printed) and --out/serving.png (requests/s
 and p95 latency against clients), all three also in a run `bench-serving` with one metric per
@@ -41,12 +45,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import openai
 import requests
 from mlflow.exceptions import MlflowException
 
 from bench.models import add_model_arguments, bench_models
 from bench.reporting import provenance, write_report
-from steps.serving.processes import model_server
+from steps.serving.processes import model_server, openai_server
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -59,7 +64,8 @@ QUESTIONS = (
     "What is the boiling point of water in Celsius?",
 )
 RUNTIMES = ("onnx", "transformers")
-HTTP, IN_PROCESS = "http", "in-process"
+HTTP, OPENAI, OPENAI_STREAM, IN_PROCESS = "mlflow-serve", "openai", "openai-stream", "in-process"
+SERVERS = (HTTP, OPENAI, OPENAI_STREAM)
 # One request waits at most this long: 8 clients on 2 cores can queue for minutes.
 REQUEST_TIMEOUT_S = 600
 
@@ -69,6 +75,7 @@ class Answer:
     content: str | None  # None when the request failed
     completion_tokens: int
     error: str | None
+    first_token_s: float | None = None  # streamed answers: when the first content arrived
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,10 @@ class Level:
     tokens_per_s: float
     p50_s: float | None  # None when no request was answered
     p95_s: float | None
+    ttft_p50_s: float | None  # streamed only: time to the first content chunk
+    ttft_p95_s: float | None
     scaling: float | None  # requests/s over the 1-client requests/s of this runtime and mode
-    http_cost: float | None  # HTTP only: requests/s over in-process requests/s, same clients
+    server_cost: float | None  # servers: requests/s over in-process requests/s, same clients
     answers_differing: int  # answered, but not as the same question was at 1 client
     first_error: str | None
 
@@ -138,6 +147,36 @@ def http_sender(url: str, max_tokens: int) -> Send:
             return Answer(None, 0, f"HTTP {response.status_code}: {response.text[:300]}")
         (completion,) = response.json()
         return completion_answer(completion)
+
+    return send
+
+
+def openai_sender(url: str, model_id: str, max_tokens: int, stream: bool) -> Send:
+    client = openai.OpenAI(
+        base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    )
+
+    def send(question: str) -> Answer:
+        request = chat_request(question, max_tokens)
+        sent = time.perf_counter()
+        try:
+            if not stream:
+                completion = client.chat.completions.create(model=model_id, **request)
+                return Answer(
+                    completion.choices[0].message.content, completion.usage.completion_tokens, None
+                )
+            pieces, first, tokens = [], None, 0
+            for chunk in client.chat.completions.create(
+                model=model_id, stream=True, stream_options={"include_usage": True}, **request
+            ):
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter() - sent
+                    pieces.append(chunk.choices[0].delta.content)
+            return Answer("".join(pieces), tokens, None, first)
+        except openai.OpenAIError as error:
+            return Answer(None, 0, f"{type(error).__name__}: {error}")
 
     return send
 
@@ -196,13 +235,20 @@ def measure_runtime(
     max_tokens: int,
     log: Path,
 ) -> list[Trial]:
-    """Both modes of one runtime, interleaved client count by client count, so slow drift of
-    the machine hits them alike. The served process and the in-process model stay loaded
-    throughout; the idle one costs no CPU."""
-    print(f"{runtime}: serving {model_uri} with mlflow models serve (log {log})", flush=True)
-    with model_server(model_uri, tracking_uri, log) as url:
+    """Every mode of one runtime, interleaved client count by client count, so slow drift of
+    the machine hits them alike. The served processes and the in-process model stay loaded
+    throughout; the idle ones cost no CPU."""
+    print(f"{runtime}: serving {model_uri} with mlflow models serve and steps serve", flush=True)
+    openai_log = log.with_name(f"openai-{runtime}.log")
+    with (
+        model_server(model_uri, tracking_uri, log) as url,
+        openai_server(model_uri, tracking_uri, openai_log) as openai_url,
+    ):
+        (served,) = requests.get(f"{openai_url}/v1/models", timeout=30).json()["data"]
         senders = {
             HTTP: http_sender(url, max_tokens),
+            OPENAI: openai_sender(openai_url, served["id"], max_tokens, stream=False),
+            OPENAI_STREAM: openai_sender(openai_url, served["id"], max_tokens, stream=True),
             IN_PROCESS: in_process_sender(mlflow.pyfunc.load_model(model_uri), max_tokens),
         }
         for mode, send in senders.items():
@@ -246,8 +292,10 @@ def summarize(trials: list[Trial]) -> list[Level]:
         base = rates[(trial.runtime, trial.mode, 1)]
         in_process = rates[(trial.runtime, IN_PROCESS, trial.clients)]
         reference = references[(trial.runtime, trial.mode)]
-        latencies = [o.latency_s for o in ok]
-        p50, p95 = np.percentile(latencies, [50, 95]).tolist() if latencies else (None, None)
+        p50, p95 = percentiles([o.latency_s for o in ok])
+        ttft_p50, ttft_p95 = percentiles(
+            [o.answer.first_token_s for o in ok if o.answer.first_token_s is not None]
+        )
         errors = [o.answer.error for o in trial.outcomes if o.answer.error is not None]
         levels.append(
             Level(
@@ -261,8 +309,10 @@ def summarize(trials: list[Trial]) -> list[Level]:
                 tokens_per_s=sum(o.answer.completion_tokens for o in ok) / trial.wall_s,
                 p50_s=p50,
                 p95_s=p95,
+                ttft_p50_s=ttft_p50,
+                ttft_p95_s=ttft_p95,
                 scaling=rate / base if base else None,
-                http_cost=rate / in_process if trial.mode == HTTP and in_process else None,
+                server_cost=rate / in_process if trial.mode in SERVERS and in_process else None,
                 answers_differing=sum(
                     o.question in reference and o.answer.content != reference[o.question]
                     for o in ok
@@ -273,27 +323,35 @@ def summarize(trials: list[Trial]) -> list[Level]:
     return levels
 
 
+def percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    p50, p95 = np.percentile(values, [50, 95]).tolist()
+    return p50, p95
+
+
 def markdown(levels: list[Level]) -> str:
     def number(value: float | None, digits: int) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = [
         "| runtime | mode | clients | requests | errors | req/s | scaling vs 1 client | "
-        "tokens/s | p50 s | p95 s | answers differing |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "tokens/s | p50 s | p95 s | first token p50 s | p95 s | answers differing |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in levels:
         lines.append(
             f"| {level.runtime} | {level.mode} | {level.clients} | {level.requests} | "
             f"{level.errors} | {level.requests_per_s:.2f} | {number(level.scaling, 2)} | "
             f"{level.tokens_per_s:.1f} | {number(level.p50_s, 2)} | {number(level.p95_s, 2)} | "
+            f"{number(level.ttft_p50_s, 3)} | {number(level.ttft_p95_s, 3)} | "
             f"{level.answers_differing} |"
         )
-    lines += ["", "HTTP cost (HTTP req/s over in-process req/s at the same client count):", ""]
+    lines += ["", "Server cost (the server's req/s over in-process req/s, same client count):", ""]
     lines += [
-        f"- {level.runtime}, {level.clients} clients: {number(level.http_cost, 3)}"
+        f"- {level.runtime} {level.mode}, {level.clients} clients: {number(level.server_cost, 3)}"
         for level in levels
-        if level.mode == HTTP
+        if level.mode in SERVERS
     ]
     return "\n".join(lines)
 
@@ -311,7 +369,7 @@ def chart(levels: list[Level], path: Path) -> None:
         clients = [lv.clients for lv in line]
         style = {
             "marker": "o",
-            "linestyle": "-" if mode == HTTP else "--",
+            "linestyle": "--" if mode == IN_PROCESS else "-",
             "label": f"{runtime} {mode}",
         }
         rate_axis.plot(clients, [lv.requests_per_s for lv in line], **style)
@@ -330,7 +388,8 @@ def chart(levels: list[Level], path: Path) -> None:
 
 def level_metrics(levels: list[Level]) -> dict[str, float]:
     """`onnx.http.c8.requests_per_s`-style metrics, for the values a level has."""
-    keys = ("requests_per_s", "tokens_per_s", "p50_s", "p95_s", "scaling", "http_cost")
+    keys = ("requests_per_s", "tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s",
+            "scaling", "server_cost")  # fmt: skip
     metrics = {}
     for level in levels:
         prefix = f"{level.runtime}.{level.mode}.c{level.clients}"
@@ -369,7 +428,11 @@ def main() -> None:
     levels = summarize(trials)
     report = provenance(vars(args)) | {
         "model_uris": {runtime: uris[runtime] for runtime in args.runtimes},
-        "server": "mlflow models serve --env-manager local, 1 uvicorn worker",
+        "servers": {
+            HTTP: "mlflow models serve --env-manager local, 1 uvicorn worker",
+            OPENAI: "python -m steps serve (openai client, whole answers)",
+            OPENAI_STREAM: "python -m steps serve (openai client, streamed)",
+        },
         "questions": list(QUESTIONS),
         "levels": [asdict(level) for level in levels],
     }
