@@ -9,7 +9,9 @@ answer arrives, so up to `--clients` requests are in flight at once. The server 
   (what the pyfunc model did before it used the engine);
 * engine: the pyfunc model's own `EngineLoop` (steps/serving/onnx_chat_model.py): one `og.Engine`
   owned by its own thread, which batches the requests in flight. `--engine-max-batch-sizes`
-  adds runs with `engine.static_batching.max_batch_size` set in the model config.
+  adds runs with `engine.static_batching.max_batch_size` set in the model config;
+  `--engine-counts 2` adds runs with that many engine loops on the one model, each request
+  going to the loop with the fewest requests in flight.
 
 Prompts are built as the pyfunc model builds them (the tokenizer's chat template). Each mode is
 warmed up with one untimed round of `--clients` requests, then the modes run interleaved
@@ -21,7 +23,8 @@ ones.
     source .venv/bin/activate
     python -m bench.concurrent_generation --model-dir <folder with genai_config.json> \\
         [--clients 8] [--requests 16] [--max-new-tokens 64] [--repeat 1] \\
-        [--intra-op-threads N] [--engine-max-batch-sizes 8 16] [--json results.json]
+        [--intra-op-threads N] [--engine-max-batch-sizes 8 16] [--engine-counts 2]
+        [--json results.json]
 """
 
 from __future__ import annotations
@@ -145,6 +148,25 @@ def engine_completer(model: og.Model, max_new: int) -> Complete:
     return complete
 
 
+def engines_completer(model: og.Model, max_new: int, count: int) -> Complete:
+    """`count` engine loops on one og.Model; each request goes to the least busy one."""
+    engines = [engine_completer(model, max_new) for _ in range(count)]
+    in_flight = [0] * count
+    lock = threading.Lock()
+
+    def complete(ids: np.ndarray) -> list[int]:
+        with lock:
+            chosen = in_flight.index(min(in_flight))
+            in_flight[chosen] += 1
+        try:
+            return engines[chosen](ids)
+        finally:
+            with lock:
+                in_flight[chosen] -= 1
+
+    return complete
+
+
 def drive(complete: Complete, prompts: list[np.ndarray], clients: int) -> Run:
     """`clients` threads send the prompts in order, each waiting for its previous answer."""
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -243,6 +265,13 @@ def main() -> None:
         default=[],
         help="extra engine runs with engine.static_batching.max_batch_size set to each value",
     )
+    parser.add_argument(
+        "--engine-counts",
+        type=int,
+        nargs="*",
+        default=[],
+        help="extra runs with this many engine loops sharing the model",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -260,6 +289,8 @@ def main() -> None:
     for size in [None, *args.engine_max_batch_sizes]:
         name = "engine" if size is None else f"engine max_batch_size={size}"
         modes[name] = engine_completer(load_model(folder, threads, size), args.max_new_tokens)
+    for count in args.engine_counts:
+        modes[f"{count} engines"] = engines_completer(model, args.max_new_tokens, count)
 
     runs: dict[str, list[Run]] = {name: [] for name in modes}
     for complete in modes.values():
