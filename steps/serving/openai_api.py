@@ -19,7 +19,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -302,7 +303,13 @@ class Api:
         }
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            events = self._events(loaded, prepared, header, chat, prompt_tokens, include_usage)
+            release: list[Callable[[], Any]] = []
+            events = self._events(
+                loaded, prepared, header, chat, prompt_tokens, include_usage, release
+            )
+            # The lease ends when the stream does, or, for a stream that never started (its
+            # client gone before the first byte), when the generator is collected: once.
+            release.append(weakref.finalize(events, loaded.release))
             return StreamingResponse(
                 events,
                 media_type="text/event-stream",
@@ -338,7 +345,7 @@ class Api:
             }
         )
 
-    async def _events(self, loaded, prepared, header, chat, prompt_tokens, include_usage):
+    async def _events(self, loaded, prepared, header, chat, prompt_tokens, include_usage, release):
         kind = "chat.completion.chunk" if chat else "text_completion"
         counts = [0] * len(prepared)
 
@@ -376,7 +383,7 @@ class Api:
             message = f"generation failed: {str(error).splitlines()[0]}"
             yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
         finally:
-            loaded.release()
+            release[0]()
 
 
 def create_app(holder: Holder) -> FastAPI:
