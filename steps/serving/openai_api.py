@@ -294,6 +294,9 @@ class Api:
         except RequestError as error:
             loaded.release()
             return error_response(error.status, str(error), error.param, error.code)
+        except BaseException:  # answered as a 500 by the app's handler
+            loaded.release()
+            raise
         prompt_tokens = sum(loaded.model.prompt_tokens(p) for p in prepared[:: parsed.n])
         header = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
