@@ -37,8 +37,8 @@ ALIAS = "champion"
 
 def champion_uri(model: str | None, compute: str | None) -> str:
     """`models:/<name>@champion` of the runtime whose champion was registered last."""
-    overrides = [f"{group}={value}" for group, value in (("model", model), ("compute", compute))]
-    cfg = compose_config([o for o in overrides if not o.endswith("=None")])
+    chosen = (("model", model), ("compute", compute))
+    cfg = compose_config([f"{group}={value}" for group, value in chosen if value])
     names = [
         registered_model_name(cfg.model.name, runtime, cfg.compute.target) for runtime in Runtime
     ]

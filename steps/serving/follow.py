@@ -9,14 +9,13 @@ version when its last request ends: no request fails or waits during a switch.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +53,7 @@ class Loaded:
 
     source: Source
     model: ServedModel
-    folder: Path | None  # the downloaded copy, removed with the model
+    folder: Path  # the downloaded copy, removed with the model
     loaded_at: float = field(default_factory=time.time)
     _leases: int = 0
     _retired: bool = False
@@ -83,8 +82,7 @@ class Loaded:
         self.model.close()
         self.model = None  # type: ignore[assignment]
         gc.collect()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def download_and_load(source: Source, scratch: Path) -> Loaded:
@@ -125,15 +123,6 @@ class Holder:
             if loaded is not None:
                 loaded.acquire()
             return loaded
-
-    @contextlib.contextmanager
-    def leased(self) -> Iterator[Loaded | None]:
-        loaded = self.lease()
-        try:
-            yield loaded
-        finally:
-            if loaded is not None:
-                loaded.release()
 
     def switch(self, new: Loaded) -> None:
         with self._lock:
