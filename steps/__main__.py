@@ -24,9 +24,13 @@ import logging
 import shlex
 import sys
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
 from steps.backends.kubernetes import unquote_args
 from steps.config.compose import compose_config, resolved_config_yaml
 from steps.errors import ConfigError, PipelineError
+from steps.tracking.server import explained
 
 ENTRY_POINTS = {
     "fetch": "steps.fetch",
@@ -115,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         print(f"error: {args.entry_point}: {error}", file=sys.stderr)
         return error.exit_code
+    except MlflowException as error:
+        # What no step turned into a line itself: a refusal or a lost server still ends as one.
+        failure = explained(error, mlflow.get_tracking_uri())
+        if failure is error:
+            raise
+        print(f"error: {args.entry_point}: {failure}", file=sys.stderr)
+        return failure.exit_code
     return 0
 
 

@@ -54,7 +54,8 @@ from steps.errors import PipelineError
 from steps.evaluation.evalset import load_eval_set
 from steps.evaluation.fidelity import check_fills_a_window, load_fidelity_text
 from steps.tracking.provenance import PROJECT_ROOT, git_diff_sha256, git_state
-from steps.tracking.runs import check_tracking_server, step_run, tracking_uri
+from steps.tracking.runs import step_run, tracking_uri
+from steps.tracking.server import check_tracking_server, redacted
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,9 @@ def _summarize(upstream: dict[str, str]) -> None:
     uri = mlflow.get_tracking_uri()
     lines = [
         "pipeline finished. Look at it with:",
-        f"  open {uri}" if uri.startswith("http") else f"  mlflow ui --backend-store-uri {uri}",
+        f"  open {redacted(uri)}"
+        if uri.startswith("http")
+        else f"  mlflow ui --backend-store-uri {uri}",
     ]
     if "evaluate" in upstream:
         metrics = client.get_run(upstream["evaluate"]).data.metrics

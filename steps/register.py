@@ -14,8 +14,12 @@ model card as description and tags (git commit, config hash, evaluate run, fetch
 metrics), aliased `champion` when it beats the current champion (or there is none), else
 `challenger`. Failing it: nothing is registered and the step fails, unless
 `register.allow_challenger=true` registers it as `challenger`. Registering the same model again
-reuses its version. Run tags: `register.chosen`, `register.gate`, `register.model_name`,
-`register.version`, `register.alias`, `register.created`.
+(the same `model.key`: code, config and weights, even from another pipeline's wrap run) reuses
+its version. Registers of one registered model take turns (steps.tracking.registry's lock), so
+pipelines that overlap end as if they had run one after another. Run tags: `register.chosen`,
+`register.gate`, `register.model_name`, `register.version`, `register.alias`,
+`register.created`, `register.champion_before` (the version that was champion when this one
+decided, or none).
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from steps.tracking.provenance import git_state
 from steps.tracking.registry import (
     register_version,
     registered_model_name,
+    registry_lock,
     set_alias,
     version_by_alias,
 )
 from steps.tracking.runs import step_run
+from steps.tracking.server import tracking_errors
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +178,10 @@ def model_card(
 
 
 def version_tags(
-    cfg: PipelineConfig, chosen: EvaluatedModel, evaluate_run: Run, commit: str
-) -> dict[str, str]:
-    fetch_run_id = MlflowClient().get_run(chosen.model.wrap_run_id).data.tags["fetch.run_id"]
+    cfg: PipelineConfig, chosen: EvaluatedModel, evaluate_run: Run, commit: str,
+    wrap_tags: dict[str, str],
+) -> dict[str, str]:  # fmt: skip
+    fetch_run_id = wrap_tags["fetch.run_id"]
     manifest = mlflow.artifacts.load_text(f"runs:/{fetch_run_id}/manifest.json")
     return {
         "git.commit": commit,
@@ -205,23 +212,28 @@ def main(cfg: PipelineConfig) -> RegisterResult:
                 "challenger"
             )
         commit, _ = git_state()
-        version, created = register_version(
-            name,
-            chosen.model.model_uri,
-            model_card(cfg, result, evaluated, reference, evaluate_run, commit),
-            version_tags(cfg, chosen, evaluate_run, commit),
-        )
-        alias = pick_alias(
-            bool(result.failures), version_by_alias(name, "champion"), str(version.version),
-            chosen.summary,
-        )  # fmt: skip
-        set_alias(name, alias, version.version)
+        wrap_tags = MlflowClient().get_run(chosen.model.wrap_run_id).data.tags
+        card = model_card(cfg, result, evaluated, reference, evaluate_run, commit)
+        tags = version_tags(cfg, chosen, evaluate_run, commit, wrap_tags)
+        key = wrap_tags.get("model.key") or chosen.model.model_uri
+        needs = f"EDIT permission on registered model {name!r}"
+        with (
+            tracking_errors(mlflow.get_tracking_uri(), needs),
+            registry_lock(name, active.info.run_id),
+        ):
+            version, created = register_version(name, chosen.model.model_uri, key, card, tags)
+            champion = version_by_alias(name, "champion")
+            alias = pick_alias(
+                bool(result.failures), champion, str(version.version), chosen.summary
+            )
+            set_alias(name, alias, version.version)
         mlflow.set_tags(
             {
                 "register.model_name": name,
                 "register.version": str(version.version),
                 "register.alias": alias,
                 "register.created": str(created).lower(),
+                "register.champion_before": str(champion.version) if champion else "none",
             }
         )
         log.info(

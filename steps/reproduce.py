@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from steps.config.compose import compose_config
 from steps.errors import PipelineError
 from steps.tracking.runs import default_tracking_uri
+from steps.tracking.server import check_tracking_server, explained, redacted
 
 ENTRY_POINT_PARAMS = ("model", "compute", "overrides")
 
@@ -159,8 +160,14 @@ def reproduce_command(
     command = (
         f"project=$(mktemp -d)/{run.info.run_id[:8]} && "
         f'git clone --quiet {shlex.quote(repo)} "$project" && '
-        f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} {mlflow_args}"
+        f"MLFLOW_TRACKING_URI={shlex.quote(redacted(tracking_uri))} {mlflow_args}"
     )
+    if redacted(tracking_uri) != tracking_uri:
+        warnings.append(
+            "the tracking URI holds credentials, which the command leaves out: export "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and "
+            "put the server's plain address in MLFLOW_TRACKING_URI"
+        )
     return Reproduction(command, tuple(warnings))
 
 
@@ -168,14 +175,18 @@ def reproduce_run(
     run_id: str, repo: str | None = None, env_manager: str | None = None
 ) -> Reproduction:
     uri = default_tracking_uri()
+    check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
         recorded = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
     except MlflowException as error:
+        failure = explained(error, uri, needs=f"READ permission on run {run_id}'s experiment")
+        if failure is not error:
+            raise failure from None
         raise PipelineError(
-            f"cannot read run {run_id} and its config.yaml from {uri}: {error.message}. "
+            f"cannot read run {run_id} and its config.yaml from {redacted(uri)}: {error.message}. "
             "Point MLFLOW_TRACKING_URI at the store that holds it"
         ) from None
     experiment = client.get_experiment(run.info.experiment_id).name

@@ -29,7 +29,8 @@ from steps.errors import ConfigError, PipelineError
 from steps.serving.follow import AliasFollower, Holder, Source, download_and_load, resolve_alias
 from steps.serving.openai_api import create_app
 from steps.tracking.registry import registered_model_name, version_by_alias
-from steps.tracking.runs import check_tracking_server, default_tracking_uri
+from steps.tracking.runs import default_tracking_uri
+from steps.tracking.server import check_tracking_server
 
 log = logging.getLogger("steps.serve")
 ALIAS = "champion"

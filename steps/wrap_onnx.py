@@ -9,8 +9,9 @@ models-from-code pyfunc that serves the same chat schema as wrap_transformers.
 
 Run artifacts: the logged model `model`, `onnx_manifest.json` (every file of the ONNX folder
 with its sha256, and the build inputs), `config.yaml`. Tags: those of steps.tracking.models
-(`model.runtime` onnx, `model.precision`, `model.label`, `model.uri`, `fetch.run_id`, ...) and
-`onnx.source`, `onnx.cache`. Metrics: `onnx_build_seconds`, `onnx_model_bytes`, `wrap_seconds`.
+(`model.runtime` onnx, `model.precision`, `model.label`, `model.uri`, `model.key`,
+`fetch.run_id`, ...) and `onnx.source`, `onnx.cache`. Metrics: `onnx_build_seconds`,
+`onnx_model_bytes`, `wrap_seconds`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from steps.serving.chat import CHAT_EXAMPLE, chat_signature
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
 from steps.tracking.models import LoggedChatModel, WrapResult, log_wrap_result, model_tags
-from steps.tracking.runs import step_run
+from steps.tracking.runs import model_key, step_run
 
 log = logging.getLogger(__name__)
 
@@ -176,5 +177,5 @@ def main(cfg: PipelineConfig) -> WrapResult:
         check_provider(cfg.compute)
         fetched = fetched_snapshot(cfg, active.info.experiment_id, fetch_artifact(cfg))
         result = run(cfg, fetched)
-        log_wrap_result(result)
+        log_wrap_result(result, model_key(cfg, result.tags))
         return result

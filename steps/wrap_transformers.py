@@ -7,7 +7,8 @@ the flavor samples unless told otherwise).
 
 Run artifacts: the logged model `model` (a LoggedModel, `models:/m-<id>`), `config.yaml`.
 Tags: those of steps.tracking.models (`model.runtime` transformers, `model.precision` from
-compute.torch_dtype, `model.label`, `model.uri`, `fetch.run_id`, ...). Metric: `wrap_seconds`.
+compute.torch_dtype, `model.label`, `model.uri`, `model.key`, `fetch.run_id`, ...). Metric:
+`wrap_seconds`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from steps.serving.chat import CHAT_EXAMPLE
 from steps.sources.snapshots import FetchOutcome
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
 from steps.tracking.models import LoggedChatModel, WrapResult, log_wrap_result, model_tags
-from steps.tracking.runs import step_run
+from steps.tracking.runs import model_key, step_run
 
 log = logging.getLogger(__name__)
 
@@ -154,5 +155,5 @@ def main(cfg: PipelineConfig) -> WrapResult:
     with step_run("wrap_transformers", cfg) as active:
         check_device(cfg.compute)
         result = run(cfg, fetched_snapshot(cfg, active.info.experiment_id))
-        log_wrap_result(result)
+        log_wrap_result(result, model_key(cfg, result.tags))
         return result

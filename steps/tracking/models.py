@@ -58,11 +58,12 @@ class WrapResult:
     texts: dict[str, str] = dataclasses.field(default_factory=dict)  # artifact path -> text
 
 
-def log_wrap_result(result: WrapResult) -> None:
-    """Record what a wrap step logged on its (active) run."""
+def log_wrap_result(result: WrapResult, key: str | None) -> None:
+    """Record what a wrap step logged on its (active) run, with the model's identity
+    (steps.tracking.runs.model_key) as `model.key`."""
     for path, text in result.texts.items():
         mlflow.log_text(text, path)
-    mlflow.set_tags(result.tags)
+    mlflow.set_tags(result.tags | ({"model.key": key} if key else {}))
     mlflow.log_metrics(result.metrics)
 
 

@@ -1,18 +1,41 @@
-"""The Model Registry: a registered model's version for a logged model (reused when it exists,
-so registering twice is a no-op), and the versions that hold an alias."""
+"""The Model Registry: one version per distinct model, the versions that hold an alias, and a lock
+that serialises the registers of one registered model, wherever they run.
+
+Why a lock: registering is a read-then-write twice over (is this model already a version? does it
+beat the champion?), and MLflow has no transaction across calls. Two pipelines that interleave
+would register one model twice, or move `champion` to the worse of two models. Repairing after
+the fact (re-read, move the alias back) cannot tell a concurrent register from a person who moved
+the alias on purpose, so the registers of one registered model take turns instead.
+
+The lock is a registered model named `<name>.register-lock`, which the tracking server's database
+creates at most once (a second create fails), and the holder deletes when done. A lock left by a
+holder that died is broken when its holder's run has ended or it is older than STALE_AFTER_S
+(by this machine's clock against the server's: they must agree to within that).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import time
+from collections.abc import Iterator
 
-import mlflow
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from steps.config.schema import Runtime
+from steps.errors import PipelineError
+from steps.tracking.server import who
 
 log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".register-lock"
+# A register holds the lock for seconds; a lock this old was left by a holder that died.
+STALE_AFTER_S = 300.0
+WAIT_AT_MOST_S = 900.0
+ENDED = ("FINISHED", "FAILED", "KILLED")
 
 
 def registered_model_name(variant: str, runtime: Runtime, target: str) -> str:
@@ -20,31 +43,147 @@ def registered_model_name(variant: str, runtime: Runtime, target: str) -> str:
     return f"{variant}-{runtime.value}-{target}"
 
 
+def _already_exists(error: MlflowException) -> bool:
+    return error.error_code in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
+
+
+def _held(client: MlflowClient, lock: str) -> RegisteredModel | None:
+    try:
+        return client.get_registered_model(lock)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None  # released meanwhile
+        raise
+
+
+def _is_stale(client: MlflowClient, held: RegisteredModel) -> str | None:
+    """Why the lock's holder is gone, or None while it may still be registering."""
+    age = time.time() - held.creation_timestamp / 1000
+    if age > STALE_AFTER_S:
+        return f"held for {age:.0f} s"
+    holder = held.tags.get("register.holder", "")
+    with contextlib.suppress(MlflowException):
+        status = client.get_run(holder).info.status
+        if status in ENDED:
+            return f"its holder, run {holder}, is {status}"
+    return None
+
+
+def _break(client: MlflowClient, lock: str, held: RegisteredModel, why: str) -> None:
+    log.warning("breaking the registry lock %s: %s", lock, why)
+    current = _held(client, lock)
+    if current is None or current.creation_timestamp != held.creation_timestamp:
+        return  # someone else broke it first (and may hold a fresh one)
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as error:
+        if error.error_code == "PERMISSION_DENIED":
+            raise PipelineError(
+                f"the registry lock {lock} is stale ({why}) and {who()} may not delete it: ask "
+                f"the tracking server's admin to delete the registered model {lock}"
+            ) from None
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+@contextlib.contextmanager
+def registry_lock(name: str, holder_run_id: str) -> Iterator[None]:
+    """Hold the lock of registered model `name` for the block."""
+    client = MlflowClient()
+    lock = f"{name}{LOCK_SUFFIX}"
+    started, delay, announced = time.monotonic(), 0.2, False
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"register.holder": holder_run_id},
+                description=f"Held by register run {holder_run_id} while it registers into "
+                f"{name}; deleted when it is done. Delete it only if that run is dead.",
+            )
+            break
+        except MlflowException as error:
+            if not _already_exists(error):
+                raise
+        held = _held(client, lock)
+        if held is None:
+            continue
+        why = _is_stale(client, held)
+        if why:
+            _break(client, lock, held, why)
+            continue
+        waited = time.monotonic() - started
+        if waited > WAIT_AT_MOST_S:
+            raise PipelineError(
+                f"waited {waited:.0f} s for the registry lock {lock}, held by run "
+                f"{held.tags.get('register.holder')}: run register again later"
+            )
+        if not announced:
+            log.info(
+                "waiting for run %s, which is registering into %s",
+                held.tags.get("register.holder"), name,
+            )  # fmt: skip
+            announced = True
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException as error:
+            # The registry itself is complete; the next register breaks the lock once stale.
+            log.warning("could not release the registry lock %s: %s", lock, error.message)
+
+
+def _versions_tagged(client: MlflowClient, name: str, tag: str, value: str) -> list[ModelVersion]:
+    found = client.search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
+    return sorted(found, key=lambda version: int(version.version))
+
+
 def register_version(
-    name: str, model_uri: str, description: str, tags: dict[str, str]
+    name: str, model_uri: str, model_key: str, description: str, tags: dict[str, str]
 ) -> tuple[ModelVersion, bool]:
-    """(the version holding this model, whether it was created now)."""
+    """(the version holding this model, whether it was created now). A model is the same model
+    when its `model.key` is (two pipelines that both wrapped it), or its URI (versions registered
+    before models had keys). Hold registry_lock around it."""
     client = MlflowClient()
     try:
-        client.get_registered_model(name)
-    except MlflowException:
         client.create_registered_model(name, description=f"{name}: chat model from the pipeline")
-    existing = client.search_model_versions(
-        f"name = '{name}' and tags.`source.model_uri` = '{model_uri}'"
+    except MlflowException as error:
+        if not _already_exists(error):
+            raise
+    existing = _versions_tagged(client, name, "model.key", model_key) or _versions_tagged(
+        client, name, "source.model_uri", model_uri
     )
     if existing:
         log.info("%s is already version %s of %s", model_uri, existing[0].version, name)
         return existing[0], False
-    version = mlflow.register_model(model_uri, name, tags=tags | {"source.model_uri": model_uri})
-    client.update_model_version(name, version.version, description=description)
+    # One call: the version is created whole, with its tags and model card, or not at all.
+    version = client.create_model_version(
+        name,
+        model_uri,
+        tags=tags | {"model.key": model_key, "source.model_uri": model_uri},
+        description=description,
+        model_id=logged_model_id(model_uri),
+    )
     return version, True
 
 
+def logged_model_id(model_uri: str) -> str | None:
+    """`m-<hex>` of a logged model's `models:/m-<hex>` URI (the wrap steps log those)."""
+    found = re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)
+    return found.group(1) if found else None
+
+
 def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    """None where the model or the alias does not exist; a refusal or a lost server raises."""
     try:
         return MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        # MLflow answers a missing alias with INVALID_PARAMETER_VALUE.
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -9,6 +9,8 @@ run already exists (MLFLOW_RUN_ID) and is reused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -17,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import requests
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from steps.config.compose import config_digest, resolved_config_yaml
 from steps.config.schema import PipelineConfig
-from steps.errors import PipelineError
 from steps.tracking.provenance import (
     PROJECT_ROOT,
     git_diff_sha256,
@@ -31,6 +31,7 @@ from steps.tracking.provenance import (
     git_state,
     package_versions,
 )
+from steps.tracking.server import check_tracking_server, redacted, tracking_errors
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = PROJECT_ROOT / "mlflow.db"
@@ -43,21 +44,6 @@ def default_tracking_uri() -> str:
 
 def tracking_uri(cfg: PipelineConfig) -> str:
     return cfg.tracking.uri or default_tracking_uri()
-
-
-def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
-    """Fail in seconds, before any heavy work, when a remote tracking server is not there
-    (MLflow's own client retries for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
-        response.raise_for_status()
-    except requests.RequestException as error:
-        raise PipelineError(
-            f"the MLflow tracking server at {uri} is not reachable ({type(error).__name__}); "
-            "start it or point MLFLOW_TRACKING_URI at a running one"
-        ) from None
 
 
 def flat_params(cfg: PipelineConfig) -> dict[str, str]:
@@ -93,23 +79,47 @@ def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def model_key(cfg: PipelineConfig, model_tags: dict[str, str]) -> str | None:
+    """What makes two wrap runs log the same model: the same code (commit and local changes),
+    weights (the snapshot's content id), label and resolved config, whichever fetch run found
+    the weights. Two pipelines that wrap at once log one model twice under one key, and register
+    keeps one version of it. None outside a git checkout, where code cannot be told apart."""
+    commit, dirty = git_state()
+    if commit == "unknown":
+        return None
+    any_fetch = dataclasses.replace(cfg, wrap=dataclasses.replace(cfg.wrap, fetch_run_id=None))
+    parts = {
+        "commit": commit,
+        "diff": git_diff_sha256() if dirty else "",
+        "snapshot": model_tags["fetch.snapshot_id"],
+        "label": model_tags["model.label"],
+        "config": config_digest(any_fetch),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
 def step_run(step: str, cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
-    """The MLflow run of one step, with the resolved config, params and provenance logged."""
+    """The MLflow run of one step, with the resolved config, params and provenance logged. The
+    server's refusals and disappearance, here or in the step, end as one line."""
     uri = tracking_uri(cfg)
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
-    if os.environ.get("MLFLOW_RUN_ID"):
-        run_context = mlflow.start_run()  # created by `mlflow run`
-    else:
-        experiment_id = _experiment_id(experiment_name(cfg), uri)
-        run_name = f"{step}-{cfg.model.name}-{cfg.compute.name}"
-        run_context = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-    with run_context as run:
-        log.info("tracking %s run %s at %s", step, run.info.run_id, uri)
-        mlflow.log_text(resolved_config_yaml(cfg), "config.yaml")
-        mlflow.log_params(flat_params(cfg))
-        mlflow.set_tags(run_tags(step, cfg))
-        yield run
+    experiment = experiment_name(cfg)
+    with tracking_errors(uri, needs=f"EDIT permission on experiment {experiment!r}"):
+        if os.environ.get("MLFLOW_RUN_ID"):
+            run_context = mlflow.start_run()  # created by `mlflow run`
+        else:
+            run_name = f"{step}-{cfg.model.name}-{cfg.compute.name}"
+            run_context = mlflow.start_run(
+                experiment_id=_experiment_id(experiment, uri), run_name=run_name
+            )
+        with run_context as run:
+            log.info("tracking %s run %s at %s", step, run.info.run_id, redacted(uri))
+            mlflow.log_text(resolved_config_yaml(cfg), "config.yaml")
+            mlflow.log_params(flat_params(cfg))
+            mlflow.set_tags(run_tags(step, cfg))
+            yield run
 
 
 def experiment_name(cfg: PipelineConfig) -> str:
