@@ -1,7 +1,7 @@
 """Shared fixtures: one snapshot store per test session (the bundled model is fetched and
 converted once), a throwaway SQLite tracking store per test, composed configs, and one real
-`mlflow server` with the whole pipeline run against it (shared by the pipeline and serving
-tests)."""
+tracking server as teams run it (PostgreSQL, MLflow's basic-auth) with the whole pipeline run
+against it (shared by the pipeline and serving tests)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from servers import TrackingServer, clean_env, tracking_server
+from servers import (
+    Postgres,
+    ServerSetup,
+    TrackingServer,
+    clean_env,
+    postgres_cluster,
+    tracking_server,
+)
 
 from steps import register
 from steps.config.compose import compose_config
@@ -28,7 +35,9 @@ from steps.store.snapshot_store import SnapshotStore
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Fixtures that convert the bundled model, build ONNX models or run `mlflow run`: every test
 # that uses one, however indirectly, is `slow` (so `pytest -m "not slow"` builds nothing).
-SLOW_FIXTURES = frozenset({"bundled_fetch", "wrapped", "remote_pipeline", "phi3_checkpoints"})
+SLOW_FIXTURES = frozenset(
+    {"bundled_fetch", "wrapped", "remote_pipeline", "phi3_checkpoints", "postgres"}
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -141,9 +150,23 @@ def wrapped(
 
 
 @pytest.fixture(scope="session")
-def remote_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """One real `mlflow server` for the session's end-to-end tests."""
-    with tracking_server(tmp_path_factory.mktemp("tracking-server")) as server:
+def postgres() -> Iterator[Postgres]:
+    """The session's PostgreSQL cluster: each tracking server gets its own databases in it."""
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def remote_tracking(
+    postgres: Postgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrackingServer]:
+    """One real tracking server as teams run it (PostgreSQL, MLflow's basic-auth) for the
+    session's end-to-end tests. The tests and the processes they start are its admin, through
+    MLflow's own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."""
+    setup = ServerSetup.create(tmp_path_factory.mktemp("tracking-server"), postgres, "mlflow")
+    with tracking_server(setup) as server, pytest.MonkeyPatch.context() as patch:
+        for name, value in server.admin.env().items():
+            patch.setenv(name, value)
         yield server
 
 
@@ -156,6 +179,7 @@ class PipelineRuns:
     warm_seconds: float
     cache_override: str
     temp_dir: Path  # TMPDIR of both runs
+    outputs: tuple[str, ...]  # what both runs printed
 
 
 @pytest.fixture(scope="session")
@@ -168,11 +192,12 @@ def remote_pipeline(
     override = f"fetch.cache_dir={session_cache}"
     temp_dir = tmp_path_factory.mktemp("pipeline-tmp")
     env = project_env(remote_tracking.uri, TMPDIR=str(temp_dir))
-    seconds = []
+    seconds, outputs = [], []
     for overrides in (f"{override} main.parallel=true", override):
         started = time.monotonic()
         result = mlflow_run("-P", f"overrides={overrides}", env=env)
         seconds.append(time.monotonic() - started)
+        outputs.append(result.stdout + result.stderr)
         assert result.returncode == 0, result.stderr[-4000:]
     cold, warm = MlflowClient(remote_tracking.uri).search_runs(
         [MlflowClient(remote_tracking.uri).get_experiment_by_name("e2e").experiment_id],
@@ -181,7 +206,9 @@ def remote_pipeline(
     )
     print(f"\nmlflow run . cold {seconds[0]:.1f} s, warm {seconds[1]:.1f} s "
           f"({seconds[1] / seconds[0]:.1%})")  # fmt: skip
-    return PipelineRuns(remote_tracking, cold, warm, seconds[0], seconds[1], override, temp_dir)
+    return PipelineRuns(
+        remote_tracking, cold, warm, seconds[0], seconds[1], override, temp_dir, tuple(outputs)
+    )
 
 
 # The registered models of the bundled model's pipeline on the cpu target, by runtime.

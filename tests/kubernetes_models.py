@@ -1,5 +1,6 @@
 """Kubernetes manifests as the API sees them: checked against the API's JSON schema strictly
-(a misspelled field fails) and read back as the kubernetes client's typed models."""
+(a misspelled field fails) and read back as the kubernetes client's typed models; and what every
+pod that talks to the tracking server must take from the Secret."""
 
 from __future__ import annotations
 
@@ -30,3 +31,19 @@ def typed(document: dict) -> Any:
     model = f"{version.capitalize()}{document['kind']}"
     with kubernetes.client.ApiClient() as client:
         return client.deserialize(_JsonResponse(json.dumps(document)), model)
+
+
+TRACKING_CREDENTIALS = {
+    "MLFLOW_TRACKING_USERNAME": "tracking-username",
+    "MLFLOW_TRACKING_PASSWORD": "tracking-password",
+    "MLFLOW_TRACKING_TOKEN": "tracking-token",
+}
+
+
+def assert_tracking_credentials_from_the_secret(env: dict) -> None:
+    """MLflow's own credential variables, each from an optional key of the Secret (a server
+    without logins needs none), never a value written down."""
+    for name, key in TRACKING_CREDENTIALS.items():
+        ref = env[name].value_from.secret_key_ref
+        assert (ref.name, ref.key, ref.optional) == ("llm-to-mlflow", key, True)
+        assert env[name].value is None

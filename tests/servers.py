@@ -1,8 +1,8 @@
 """Tracking servers for the tests, as teams run them: a PostgreSQL cluster of the test session's
 own (Debian's package, a temp folder, a free loopback port) and `mlflow server` on it behind
 MLflow's basic-auth app, with the artifacts the server serves (clients see mlflow-artifacts:/
-URIs); or, the embedded default's twin, `mlflow server` on a SQLite file. Started and stopped like
-the model servers of steps/serving/processes.py."""
+URIs). Started and stopped like the model servers of steps/serving/processes.py; the embedded
+default (a SQLite file, no server) needs none of this."""
 
 from __future__ import annotations
 
@@ -43,11 +43,13 @@ class Postgres:
     data: Path
     bin_dir: Path
 
-    def create_database(self, name: str) -> str:
-        """A new database; its SQLAlchemy URI."""
+    def create_database(self, name: str) -> None:
         self.psql(f'CREATE DATABASE "{name}"')
-        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the tests install psycopg2.
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+
+    def uri(self, database: str) -> str:
+        """The database's SQLAlchemy URI (a bare postgresql:// means psycopg 3 to SQLAlchemy
+        2.1; the tests install psycopg2)."""
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         command = [str(self.bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(self.port)]
@@ -110,74 +112,84 @@ def postgres_cluster() -> Iterator[Postgres]:
 
 
 @dataclass(frozen=True)
-class TrackingServer:
-    uri: str
-    backend_store: str  # the SQLAlchemy URI of its store
-    artifacts: Path
-    log: Path
-    process: subprocess.Popen
-    admin: Credentials | None  # None: no authentication
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """A clean environment that points MLflow at this server as its admin."""
-        admin = self.admin.env() if self.admin else {}
-        return clean_env(MLFLOW_TRACKING_URI=self.uri, **admin, **extra)
-
-
-@dataclass(frozen=True)
 class ServerSetup:
-    """What a tracking server is started from; starting it again from the same setup (same port,
-    store and artifacts) is a restart."""
+    """What a tracking server starts from: its port, its PostgreSQL databases (the store, and
+    basic-auth's users and permissions beside it), its artifacts and its admin. Starting it again
+    from the same setup is a restart."""
 
     root: Path
     port: int
-    backend_store: str
-    auth_database: str | None = None  # None: no authentication
-    admin: Credentials | None = None
+    cluster: Postgres
+    database: str
+    admin: Credentials
 
     @classmethod
-    def sqlite(cls, root: Path) -> ServerSetup:
-        return cls(root, free_port(), f"sqlite:///{root / 'server.db'}")
-
-    @classmethod
-    def postgres_with_auth(cls, root: Path, cluster: Postgres, name: str) -> ServerSetup:
-        admin = Credentials("admin", secrets.token_urlsafe(16))
+    def create(cls, root: Path, cluster: Postgres, database: str) -> ServerSetup:
+        cluster.create_database(database)
+        cluster.create_database(f"{database}_auth")
         return cls(
-            root,
-            free_port(),
-            cluster.create_database(name),
-            cluster.create_database(f"{name}_auth"),
-            admin,
+            root, free_port(), cluster, database, Credentials("admin", secrets.token_urlsafe(16))
         )
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A clean environment that points MLflow at this server as its admin."""
+        return clean_env(MLFLOW_TRACKING_URI=self.uri, **self.admin.env(), **extra)
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    setup: ServerSetup
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def uri(self) -> str:
+        return self.setup.uri
+
+    @property
+    def artifacts(self) -> Path:
+        return self.setup.artifacts
+
+    @property
+    def admin(self) -> Credentials:
+        return self.setup.admin
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return self.setup.env(**extra)
 
 
 @contextlib.contextmanager
 def tracking_server(setup: ServerSetup, log_name: str = "server.log") -> Iterator[TrackingServer]:
-    uri = f"http://127.0.0.1:{setup.port}"
-    artifacts = setup.root / "artifacts"
+    """`mlflow server --app-name basic-auth` on the setup's databases, serving its artifacts."""
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", setup.backend_store,
-        "--artifacts-destination", str(artifacts),
+        "--backend-store-uri", setup.cluster.uri(setup.database),
+        "--artifacts-destination", str(setup.artifacts),
         "--host", "127.0.0.1", "--port", str(setup.port), "--workers", "1",
+        "--app-name", "basic-auth",
     ]  # fmt: skip
-    env = clean_env()
-    if setup.auth_database:
-        assert setup.admin is not None
-        config = setup.root / "basic_auth.ini"
-        config.write_text(
-            "[mlflow]\n"
-            "default_permission = READ\n"
-            f"database_uri = {setup.auth_database}\n"
-            f"admin_username = {setup.admin.username}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
-        command += ["--app-name", "basic-auth"]
-        env |= {
-            "MLFLOW_AUTH_CONFIG_PATH": str(config),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": setup.admin.password,
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-        }
+    config = setup.root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {setup.cluster.uri(f'{setup.database}_auth')}\n"
+        f"admin_username = {setup.admin.username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    # The admin's password reaches the server by its environment only, as a Secret would.
+    env = {k: v for k, v in clean_env().items() if not k.startswith("MLFLOW_TRACKING_")} | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": setup.admin.password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
     log = setup.root / log_name
-    with running(command, env, f"{uri}/health", log) as process:
-        yield TrackingServer(uri, setup.backend_store, artifacts, log, process, setup.admin)
+    with running(command, env, f"{setup.uri}/health", log) as process:
+        yield TrackingServer(setup, process, log)

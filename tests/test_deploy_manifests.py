@@ -16,7 +16,12 @@ import kubernetes.client
 import pytest
 import yaml
 from conftest import PROJECT_ROOT
-from kubernetes_models import typed, validate
+from kubernetes_models import (
+    TRACKING_CREDENTIALS,
+    assert_tracking_credentials_from_the_secret,
+    typed,
+    validate,
+)
 from packaging.requirements import Requirement
 
 from deploy import images
@@ -112,6 +117,7 @@ def test_credentials_come_from_the_secret_and_no_token_is_written_down(container
     assert (token.name, token.key, token.optional) == ("llm-to-mlflow", "hf-token", True)
     assert env["MLFLOW_TRACKING_URI"].value is None
     assert env["HF_TOKEN"].value is None
+    assert_tracking_credentials_from_the_secret(env)
     text = (DEPLOY / "kubernetes" / "cronjob.yaml").read_text()
     assert not re.search(r"hf_[A-Za-z0-9]{8,}", text)
 
@@ -161,6 +167,7 @@ def test_the_server_deployment_serves_the_champion_at_the_pinned_commit() -> Non
     assert checkout.image == server.image and server.image.endswith("/" + images.image_tag("cpu"))
     tracking = env_of(server)["MLFLOW_TRACKING_URI"].value_from.secret_key_ref
     assert (tracking.name, tracking.key) == ("llm-to-mlflow", "tracking-uri")
+    assert_tracking_credentials_from_the_secret(env_of(server))
     assert service.spec.selector == deployment.spec.selector.match_labels
     (port,) = service.spec.ports
     assert port.target_port == "http" and server.ports[0].name == "http"
@@ -188,6 +195,8 @@ def test_the_workflow_runs_the_pipeline_on_a_schedule_at_the_pinned_commit() -> 
     (job,) = spec["jobs"].values()
     assert job["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
     assert job["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+    for name in TRACKING_CREDENTIALS:
+        assert job["env"][name] == f"${{{{ secrets.{name} }}}}"
     (checkout,) = (
         step for step in job["steps"] if step.get("uses", "").startswith("actions/checkout")
     )

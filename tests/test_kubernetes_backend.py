@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import PROJECT_ROOT
-from kubernetes_models import typed, validate
+from kubernetes_models import assert_tracking_credentials_from_the_secret, typed, validate
 from mlflow import MlflowClient
 from mlflow.exceptions import ExecutionException
 from mlflow.projects.docker import _create_docker_build_ctx
@@ -92,6 +92,7 @@ def test_mlflow_renders_a_job_that_matches_the_kubernetes_api(compute: str, entr
     assert {"MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"} <= env.keys()
     token = env["HF_TOKEN"].value_from.secret_key_ref
     assert (token.name, token.key, token.optional) == ("llm-to-mlflow", "hf-token", True)
+    assert_tracking_credentials_from_the_secret(env)
     assert env[CHECKOUT_ENV["commit"]].value == commit
     assert env[kubernetes_backend.QUOTED_ARGS_ENV].value == "1"
     (volume,) = model.spec.template.spec.volumes

@@ -9,7 +9,6 @@ run already exists (MLFLOW_RUN_ID) and is reused.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -81,19 +80,24 @@ def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
 @contextlib.contextmanager
 def model_key(cfg: PipelineConfig, model_tags: dict[str, str]) -> str | None:
     """What makes two wrap runs log the same model: the same code (commit and local changes),
-    weights (the snapshot's content id), label and resolved config, whichever fetch run found
-    the weights. Two pipelines that wrap at once log one model twice under one key, and register
-    keeps one version of it. None outside a git checkout, where code cannot be told apart."""
+    weights (the snapshot's content id), label, and the settings that reach the model: model,
+    compute target, wrap and generation, but not which fetch run found the weights nor which
+    other ONNX builds the pipeline swept. Two pipelines that wrap at once log one model twice
+    under one key, and register keeps one version of it. None outside a git checkout, where
+    code cannot be told apart."""
     commit, dirty = git_state()
     if commit == "unknown":
         return None
-    any_fetch = dataclasses.replace(cfg, wrap=dataclasses.replace(cfg.wrap, fetch_run_id=None))
+    settings = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    for group, key in (("compute", "onnx_candidates"), ("compute", "backend"),
+                       ("wrap", "fetch_run_id")):  # fmt: skip
+        settings[group].pop(key)
     parts = {
         "commit": commit,
         "diff": git_diff_sha256() if dirty else "",
         "snapshot": model_tags["fetch.snapshot_id"],
         "label": model_tags["model.label"],
-        "config": config_digest(any_fetch),
+        "settings": {g: settings[g] for g in ("model", "compute", "wrap", "generation")},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -19,9 +19,10 @@ import requests
 from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_TRACKING_TOKEN,
 )
 from mlflow.exceptions import MlflowException
-from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.credentials import get_default_host_creds, read_mlflow_creds
 from mlflow.utils.rest_utils import http_request
 
 from steps.errors import PipelineError
@@ -45,10 +46,10 @@ def redacted(uri: str) -> str:
 
 def who() -> str:
     """Whose credentials MLflow sends, without the secret."""
-    creds = get_default_host_creds("")
-    if creds.username:
-        return f"user {creds.username!r}"
-    return "the token in MLFLOW_TRACKING_TOKEN" if creds.token else "no credentials"
+    username = read_mlflow_creds().username
+    if username:
+        return f"user {username!r}"
+    return "the token in MLFLOW_TRACKING_TOKEN" if MLFLOW_TRACKING_TOKEN.get() else "no credentials"
 
 
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
@@ -56,14 +57,13 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
     refuses our credentials (MLflow's own client retries for minutes)."""
     if not uri.startswith(("http://", "https://")):
         return
-    shown = redacted(uri)
     try:
         response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
         response.raise_for_status()
     except requests.RequestException as error:
         raise PipelineError(
-            f"the MLflow tracking server at {shown} is not reachable ({type(error).__name__}); "
-            "start it or point MLFLOW_TRACKING_URI at a running one"
+            f"the MLflow tracking server at {redacted(uri)} is not reachable "
+            f"({type(error).__name__}); start it or point MLFLOW_TRACKING_URI at a running one"
         ) from None
     # /health answers anyone; a search needs a login where the server asks for one.
     try:
@@ -81,10 +81,14 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
             raise
         raise failure from None
     if response.status_code in (401, 403):
-        raise PipelineError(
-            f"the MLflow tracking server at {shown} refused {who()} "
-            f"(HTTP {response.status_code}): {CREDENTIALS_HINT}"
-        )
+        raise _refused(uri)
+
+
+def _refused(uri: str) -> PipelineError:
+    return PipelineError(
+        f"the MLflow tracking server at {redacted(uri)} refused {who()} (not authenticated): "
+        f"{CREDENTIALS_HINT}"
+    )
 
 
 def _lost_connection(error: BaseException) -> bool:
@@ -110,10 +114,7 @@ def explained(error: MlflowException, uri: str, needs: str = "") -> PipelineErro
     shown = redacted(uri)
     code = error.error_code
     if code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
-        return PipelineError(
-            f"the MLflow tracking server at {shown} refused {who()} (not authenticated): "
-            f"{CREDENTIALS_HINT}"
-        )
+        return _refused(uri)
     if code == "PERMISSION_DENIED":
         endpoint = re.search(r"endpoint (\S+)", error.message)
         what = f" ({endpoint.group(1)})" if endpoint else ""
