@@ -189,6 +189,8 @@ def tracking_server(setup: ServerSetup, log_name: str = "server.log") -> Iterato
         "MLFLOW_AUTH_CONFIG_PATH": str(config),
         "MLFLOW_AUTH_ADMIN_PASSWORD": setup.admin.password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        # The GenAI job workers (a pool of huey processes) have nothing to do here.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     log = setup.root / log_name
     with running(command, env, f"{setup.uri}/health", log) as process:
