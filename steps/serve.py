@@ -30,7 +30,7 @@ from steps.serving.follow import AliasFollower, Holder, Source, download_and_loa
 from steps.serving.openai_api import create_app
 from steps.tracking.registry import registered_model_name, version_by_alias
 from steps.tracking.runs import default_tracking_uri
-from steps.tracking.server import check_tracking_server
+from steps.tracking.server import check_tracking_server, redacted
 
 log = logging.getLogger("steps.serve")
 ALIAS = "champion"
@@ -47,7 +47,8 @@ def champion_uri(model: str | None, compute: str | None) -> str:
     if not champions:
         raise PipelineError(
             f"no registered model has a {ALIAS!r} alias ({' or '.join(names)} at "
-            f"{mlflow.get_tracking_uri()}); run the pipeline first (make run), or pass --model-uri"
+            f"{redacted(mlflow.get_tracking_uri())}); run the pipeline first (make run), or pass "
+            "--model-uri"
         )
     _, name = max(champions, key=lambda found: int(found[0].creation_timestamp))
     return f"models:/{name}@{ALIAS}"

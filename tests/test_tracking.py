@@ -1,20 +1,29 @@
-"""Run set-up shared by every step: where runs go, what they record, fast failure."""
+"""Run set-up shared by every step: where runs go, what they record, fast failure, the
+tracking server's refusals as one line, model keys, and the register lock."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 import yaml
 from conftest import PROJECT_ROOT
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 from servers import clean_env, free_port
 
 from steps.errors import PipelineError
-from steps.tracking.runs import DEFAULT_STORE, flat_params, step_run, tracking_uri
+from steps.tracking.registry import LOCK_SUFFIX, registry_lock
+from steps.tracking.runs import DEFAULT_STORE, flat_params, model_key, step_run, tracking_uri
+from steps.tracking.server import explained, redacted, retry_budget_s
 
 
 def test_zero_setup_store_is_sqlite_in_the_project(compose, monkeypatch) -> None:
@@ -76,3 +85,118 @@ def test_a_step_against_a_down_server_stops_with_one_line_before_any_work() -> N
         "(ConnectionError); start it or point MLFLOW_TRACKING_URI at a running one"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("http://pipeline:s3cret@mlflow:5000/prefix", "http://***@mlflow:5000/prefix"),
+        ("https://token@mlflow.example", "https://***@mlflow.example"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ],
+)
+def test_a_tracking_uri_is_shown_without_its_credentials(uri: str, shown: str) -> None:
+    assert redacted(uri) == shown
+
+
+def test_refusals_and_a_lost_server_become_one_line(monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    uri = "http://pipeline:s3cret-password@mlflow:5000"
+    refused = explained(MlflowException("401", error_code=UNAUTHENTICATED), uri)
+    assert str(refused) == (
+        "the MLflow tracking server at http://***@mlflow:5000 refused user 'pipeline' (not "
+        "authenticated): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+        "MLFLOW_TRACKING_TOKEN) to an account of that server"
+    )
+    denied = explained(
+        MlflowException(
+            "API request to endpoint /api/2.0/mlflow/model-versions/create failed with error "
+            "code 403 != 200. Response body: 'Permission denied'",
+            error_code=PERMISSION_DENIED,
+        ),
+        uri,
+        needs="EDIT permission on registered model 'm'",
+    )
+    assert str(denied) == (
+        "the MLflow tracking server at http://***@mlflow:5000 denied user 'pipeline' "
+        "(/api/2.0/mlflow/model-versions/create): this step needs EDIT permission on "
+        "registered model 'm'; ask the server's admin to grant it"
+    )
+    try:
+        try:
+            raise requests.ConnectionError("Max retries exceeded")
+        except requests.ConnectionError as error:
+            # as MLflow's rest_utils raises it: the cause only as the implicit context
+            raise MlflowException(f"API request to {uri} failed with exception {error}")  # noqa: B904
+    except MlflowException as error:
+        lost = explained(error, uri)
+    assert isinstance(lost, PipelineError)
+    assert "lost the MLflow tracking server at http://***@mlflow:5000" in str(lost)
+    assert "5 retries over about 60 s" in str(lost)
+    other = MlflowException("a model flavour problem")
+    assert explained(other, uri) is other
+    assert not any("s3cret" in str(e) for e in (refused, denied, lost))
+
+
+def test_mlflow_s_retry_budget_by_its_settings(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    assert retry_budget_s() == 4 + 8 + 16 + 32 + 64 + 120  # MLflow's "about 4 minutes"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    assert retry_budget_s() == 0
+
+
+def test_a_model_key_names_what_reaches_the_model(compose) -> None:
+    tags = {"fetch.snapshot_id": "a" * 64, "model.label": "onnx-int8"}
+    key = model_key(compose(), tags)
+    assert key is not None
+    # Whichever fetch run found the weights, whichever other builds the pipeline swept.
+    assert (
+        model_key(compose("wrap.fetch_run_id=0123abcd", "compute.onnx_candidates=[int8]"), tags)
+        == key
+    )
+    assert model_key(compose("evaluate.max_items=3", "register.min_accuracy=0.5"), tags) == key
+    # Other weights, another label, other settings that reach the model: another model.
+    assert model_key(compose(), tags | {"fetch.snapshot_id": "b" * 64}) != key
+    assert model_key(compose(), tags | {"model.label": "onnx-int4"}) != key
+    assert model_key(compose("generation.max_new_tokens=64"), tags) != key
+    assert model_key(compose("compute.onnx_threads=1"), tags) != key
+
+
+def test_registers_of_one_model_take_turns(tracking_uri) -> None:
+    """Threads stand in for pipelines on other machines: the lock lives in the registry."""
+    client = MlflowClient()
+    experiment = client.create_experiment("lock")
+    holders = [client.create_run(experiment).info.run_id for _ in range(4)]
+    held: list[tuple[float, float]] = []
+
+    def register(holder: str) -> None:
+        with registry_lock("model", holder):
+            entered = time.monotonic()
+            time.sleep(0.3)
+            held.append((entered, time.monotonic()))
+
+    threads = [threading.Thread(target=register, args=(holder,)) for holder in holders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    held.sort()
+    assert len(held) == 4
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(held))
+    assert not client.search_registered_models(f"name = 'model{LOCK_SUFFIX}'")
+
+
+def test_a_lock_left_by_a_dead_register_is_broken(tracking_uri) -> None:
+    client = MlflowClient()
+    experiment = client.create_experiment("stale")
+    dead = client.create_run(experiment).info.run_id
+    client.create_registered_model(f"model{LOCK_SUFFIX}", tags={"register.holder": dead})
+    client.set_terminated(dead, "FAILED")  # killed mid-register, after taking the lock
+    started = time.monotonic()
+    with registry_lock("model", client.create_run(experiment).info.run_id):
+        held_by = client.get_registered_model(f"model{LOCK_SUFFIX}").tags["register.holder"]
+    assert held_by != dead and time.monotonic() - started < 5

@@ -36,6 +36,7 @@ from steps.config.compose import compose_config, group_options
 from steps.config.schema import Backend, BackendConfig
 from steps.errors import ConfigError, PipelineError
 from steps.tracking.provenance import PROJECT_ROOT, checkout_env
+from steps.tracking.server import redacted
 
 # A registry that cannot exist (RFC 2606): the shipped kubernetes_config.json files name it
 # until a user puts theirs in.
@@ -221,14 +222,14 @@ def check_pod_tracking_uri(tracking_uri: str) -> None:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         raise PipelineError(
-            f"the steps would run in pods against the tracking URI {uri}, which they cannot "
-            "reach; set MLFLOW_TRACKING_URI to an MLflow server the cluster can reach "
+            f"the steps would run in pods against the tracking URI {redacted(uri)}, which they "
+            "cannot reach; set MLFLOW_TRACKING_URI to an MLflow server the cluster can reach "
             "(README: Run on Kubernetes)"
         )
     if parts.hostname in _LOOPBACK_HOSTS:
         raise PipelineError(
-            f"the tracking URI {uri} is this machine's loopback address, which a pod cannot "
-            "reach; set KUBE_MLFLOW_TRACKING_URI to the address pods use for the same server"
+            f"the tracking URI {redacted(uri)} is this machine's loopback address, which a pod "
+            "cannot reach; set KUBE_MLFLOW_TRACKING_URI to the address pods use for the same server"
         )
 
 

@@ -77,7 +77,6 @@ def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
     return tags
 
 
-@contextlib.contextmanager
 def model_key(cfg: PipelineConfig, model_tags: dict[str, str]) -> str | None:
     """What makes two wrap runs log the same model: the same code (commit and local changes),
     weights (the snapshot's content id), label, and the settings that reach the model: model,
