@@ -158,6 +158,10 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
         RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
         snapshot.manifest.snapshot_id,
     ) | {"onnx.source": source.value, "onnx.cache": cache}  # fmt: skip
+    log.info(
+        "logging the %s chat model %s (%.0f MiB) to the tracking server",
+        RUNTIME.value, name, manifest.total_bytes / 2**20,
+    )  # fmt: skip
     info = log_onnx_chat_model(cfg, folder, name, tags)
     log.info("logged %s chat model %s (%s)", RUNTIME.value, info.model_uri, name)
     return WrapResult(

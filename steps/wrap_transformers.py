@@ -142,6 +142,7 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
         RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
         snapshot.manifest.snapshot_id,
     )  # fmt: skip
+    log.info("logging the %s chat model to the tracking server", RUNTIME.value)
     info = log_chat_model(chat, cfg, tags)
     log.info("logged %s chat model %s", RUNTIME.value, info.model_uri)
     return WrapResult(
