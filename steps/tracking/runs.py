@@ -19,6 +19,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from steps.config.compose import config_digest, resolved_config_yaml
@@ -136,7 +137,12 @@ def _experiment_id(name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # a step beside us made it
 
 
 def artifact_location(uri: str) -> str | None:
