@@ -18,6 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from servers import (
+    Credentials,
     Postgres,
     ServerSetup,
     TrackingServer,
@@ -157,16 +158,25 @@ def postgres() -> Iterator[Postgres]:
 
 
 @pytest.fixture(scope="session")
+def tracking_admin() -> Iterator[Credentials]:
+    """The admin of every tracking server the session starts. The tests and the processes they
+    start log in as it, through MLflow's own MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD."""
+    admin = Credentials.random("admin")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in admin.env().items():
+            patch.setenv(name, value)
+        yield admin
+
+
+@pytest.fixture(scope="session")
 def remote_tracking(
-    postgres: Postgres, tmp_path_factory: pytest.TempPathFactory
+    postgres: Postgres, tracking_admin: Credentials, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TrackingServer]:
     """One real tracking server as teams run it (PostgreSQL, MLflow's basic-auth) for the
-    session's end-to-end tests. The tests and the processes they start are its admin, through
-    MLflow's own MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."""
-    setup = ServerSetup.create(tmp_path_factory.mktemp("tracking-server"), postgres, "mlflow")
-    with tracking_server(setup) as server, pytest.MonkeyPatch.context() as patch:
-        for name, value in server.admin.env().items():
-            patch.setenv(name, value)
+    session's end-to-end tests."""
+    root = tmp_path_factory.mktemp("tracking-server")
+    with tracking_server(ServerSetup.create(root, postgres, "mlflow", tracking_admin)) as server:
         yield server
 
 

@@ -27,6 +27,10 @@ class Credentials:
     username: str
     password: str
 
+    @classmethod
+    def random(cls, username: str) -> Credentials:
+        return cls(username, secrets.token_urlsafe(16))
+
     def env(self) -> dict[str, str]:
         """As MLflow's client reads them."""
         return {
@@ -124,12 +128,12 @@ class ServerSetup:
     admin: Credentials
 
     @classmethod
-    def create(cls, root: Path, cluster: Postgres, database: str) -> ServerSetup:
+    def create(
+        cls, root: Path, cluster: Postgres, database: str, admin: Credentials
+    ) -> ServerSetup:
         cluster.create_database(database)
         cluster.create_database(f"{database}_auth")
-        return cls(
-            root, free_port(), cluster, database, Credentials("admin", secrets.token_urlsafe(16))
-        )
+        return cls(root, free_port(), cluster, database, admin)
 
     @property
     def uri(self) -> str:

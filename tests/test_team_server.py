@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ FAST = (
 
 def create_user(server: TrackingServer, name: str) -> Credentials:
     """A user with the server's default permission (READ on everything) as admin makes one."""
-    credentials = Credentials(name, secrets.token_urlsafe(16))
+    credentials = Credentials.random(name)
     get_app_client("basic-auth", tracking_uri=server.uri).create_user(name, credentials.password)
     return credentials
 
@@ -202,8 +201,11 @@ def finish(pipeline: Pipeline, timeout: float = 1500) -> str:
 
 
 @pytest.fixture(scope="module")
-def overlap_server(postgres: Postgres, tmp_path_factory) -> Iterator[TrackingServer]:
-    setup = ServerSetup.create(tmp_path_factory.mktemp("overlap-server"), postgres, "overlap")
+def overlap_server(
+    postgres: Postgres, tracking_admin: Credentials, tmp_path_factory
+) -> Iterator[TrackingServer]:
+    root = tmp_path_factory.mktemp("overlap-server")
+    setup = ServerSetup.create(root, postgres, "overlap", tracking_admin)
     with tracking_server(setup) as server:
         yield server
 
@@ -312,13 +314,15 @@ def kill(server: TrackingServer) -> None:
 
 
 def test_a_server_killed_during_wrap_onnx(
-    postgres: Postgres, bundled_fetch, session_cache: Path, tmp_path_factory, tmp_path: Path
-) -> None:
+    postgres: Postgres, tracking_admin: Credentials, bundled_fetch, session_cache: Path,
+    tmp_path_factory, tmp_path: Path,
+) -> None:  # fmt: skip
     """Killed as wrap_onnx uploads its model and back within MLflow's retry budget, the pipeline
     rides it out (and its log says it retried); killed for longer than a step's budget, the step
     fails with one line, and the next `mlflow run .` reuses what finished and completes. Nothing
     is half-registered."""
-    setup = ServerSetup.create(tmp_path_factory.mktemp("restart-server"), postgres, "restart")
+    root = tmp_path_factory.mktemp("restart-server")
+    setup = ServerSetup.create(root, postgres, "restart", tracking_admin)
     env = setup.env(MLFLOW_EXPERIMENT_NAME="restart", TMPDIR=str(tmp_path))
     overrides = f"fetch.cache_dir={session_cache} {FAST} compute.onnx_candidates=[int8]"
     client = MlflowClient(setup.uri)
