@@ -135,7 +135,7 @@ def test_refusals_and_a_lost_server_become_one_line(monkeypatch) -> None:
         lost = explained(error, uri)
     assert isinstance(lost, PipelineError)
     assert "lost the MLflow tracking server at http://***@mlflow:5000" in str(lost)
-    assert "5 retries over about 60 s" in str(lost)
+    assert "(MLFLOW_HTTP_REQUEST_MAX_RETRIES=5, about 60 s)" in str(lost)
     other = MlflowException("a model flavour problem")
     assert explained(other, uri) is other
     assert not any("s3cret" in str(e) for e in (refused, denied, lost))

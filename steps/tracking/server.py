@@ -125,9 +125,9 @@ def explained(error: MlflowException, uri: str, needs: str = "") -> PipelineErro
         )
     if _lost_connection(error):
         return PipelineError(
-            f"lost the MLflow tracking server at {shown}: it did not answer through "
-            f"{MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries over about {retry_budget_s():.0f} s "
-            "(MLFLOW_HTTP_REQUEST_MAX_RETRIES). This step's run stays unfinished and is never "
+            f"lost the MLflow tracking server at {shown}: it did not answer within MLflow's "
+            f"retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES={MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()}, "
+            f"about {retry_budget_s():.0f} s). This step's run stays unfinished and is never "
             "reused; once the server is back, run the pipeline again: it reuses the steps that "
             "finished"
         )
