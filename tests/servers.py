@@ -144,8 +144,9 @@ class ServerSetup:
         return self.root / "artifacts"
 
     def env(self, **extra: str) -> dict[str, str]:
-        """A clean environment that points MLflow at this server as its admin."""
-        return clean_env(MLFLOW_TRACKING_URI=self.uri, **self.admin.env(), **extra)
+        """A clean environment that points MLflow at this server as its admin (or as whoever
+        `extra` names)."""
+        return clean_env(MLFLOW_TRACKING_URI=self.uri, **(self.admin.env() | extra))
 
 
 @dataclass(frozen=True)
