@@ -64,7 +64,7 @@ def mlflow_run(
     *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local"
 ) -> subprocess.CompletedProcess[str]:
     command, cwd = mlflow_run_command(*args, env=env, project=project, env_manager=env_manager)
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=1800)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=2700)
 
 
 def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
