@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from steps.config.compose import compose_config
 from steps.errors import PipelineError
 from steps.tracking.runs import default_tracking_uri
-from steps.tracking.server import check_tracking_server, explained, redacted
+from steps.tracking.server import check_tracking_server, redacted, tracking_errors
 
 ENTRY_POINT_PARAMS = ("model", "compute", "overrides")
 
@@ -156,13 +156,14 @@ def reproduce_command(
         mlflow_run += ["--env-manager", env_manager]
     # `mlflow run` checks --version out in place in a local repository, so the command runs it
     # in a fresh clone and leaves the user's checkout alone.
+    shown_uri = redacted(tracking_uri)
     mlflow_args = " ".join('"$project"' if a == "$project" else shlex.quote(a) for a in mlflow_run)
     command = (
         f"project=$(mktemp -d)/{run.info.run_id[:8]} && "
         f'git clone --quiet {shlex.quote(repo)} "$project" && '
-        f"MLFLOW_TRACKING_URI={shlex.quote(redacted(tracking_uri))} {mlflow_args}"
+        f"MLFLOW_TRACKING_URI={shlex.quote(shown_uri)} {mlflow_args}"
     )
-    if redacted(tracking_uri) != tracking_uri:
+    if shown_uri != tracking_uri:
         warnings.append(
             "the tracking URI holds credentials, which the command leaves out: export "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and "
@@ -179,12 +180,10 @@ def reproduce_run(
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     try:
-        run = client.get_run(run_id)
-        recorded = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
-    except MlflowException as error:
-        failure = explained(error, uri, needs=f"READ permission on run {run_id}'s experiment")
-        if failure is not error:
-            raise failure from None
+        with tracking_errors(uri, needs=f"READ permission on run {run_id}'s experiment"):
+            run = client.get_run(run_id)
+            recorded = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
+    except MlflowException as error:  # not a refusal or a lost server: most likely no such run
         raise PipelineError(
             f"cannot read run {run_id} and its config.yaml from {redacted(uri)}: {error.message}. "
             "Point MLFLOW_TRACKING_URI at the store that holds it"

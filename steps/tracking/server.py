@@ -66,7 +66,7 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
             f"({type(error).__name__}); start it or point MLFLOW_TRACKING_URI at a running one"
         ) from None
     # /health answers anyone; a search needs a login where the server asks for one.
-    try:
+    with tracking_errors(uri):
         response = http_request(
             get_default_host_creds(uri),
             "/api/2.0/mlflow/experiments/search",
@@ -75,11 +75,6 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
             max_retries=0,
             timeout=timeout,
         )
-    except MlflowException as error:
-        failure = explained(error, uri)
-        if failure is error:
-            raise
-        raise failure from None
     if response.status_code in (401, 403):
         raise _refused(uri)
 
