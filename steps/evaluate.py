@@ -35,6 +35,9 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.data.dataset import Dataset
+from mlflow.entities import LoggedModel
 
 from steps.config.compose import project_path
 from steps.config.schema import WRAP_STEPS, PipelineConfig
@@ -44,6 +47,9 @@ from steps.evaluation.evalset import EvalSet, answer_matches, load_eval_set
 from steps.evaluation.fidelity import FidelityText, load_fidelity_text
 from steps.evaluation.measure import CandidateResult, evaluate_candidate
 from steps.evaluation.report import (
+    COMPARISON_CHART,
+    SPEED_CHART,
+    candidates_table,
     comparison_chart,
     flips,
     genai_rows,
@@ -56,7 +62,8 @@ from steps.evaluation.report import (
 from steps.evaluation.selection import Selection, fastest_faithful
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel, LoggedChatModel
-from steps.tracking.runs import step_run
+from steps.tracking.notes import artifact_image, link_models, model_link, run_link, set_note
+from steps.tracking.runs import run_name, step_run
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,7 @@ class EvaluateResult:
     results: list[CandidateResult]  # per candidate, in the same order
     summaries: dict[str, dict[str, float]]  # label -> summary
     selection: Selection  # what register's fastest_faithful policy would choose
+    fidelity_keys: frozenset[str]  # the summaries' keys measured on the fidelity text
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -84,7 +92,10 @@ class EvaluateResult:
 
     @property
     def evaluated(self) -> list[EvaluatedModel]:
-        return [EvaluatedModel(c, self.summaries[c.label]) for c in self.candidates]
+        return [
+            EvaluatedModel(c, self.summaries[c.label], self.selection.reasons[c.label])
+            for c in self.candidates
+        ]
 
     def item_rows(self) -> list[dict[str, Any]]:
         return per_item_rows(self.eval_set, self.results)
@@ -195,24 +206,26 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
     }
     selection = fastest_faithful(summaries, reference.label, cfg.register)
     log.info("evaluation summary:\n%s", summary_markdown(summaries, selection))
+    fidelity_keys = frozenset(key for score in scores.values() for key in score)
     return EvaluateResult(
-        eval_set, text, reference.label, candidates, results, summaries, selection
+        eval_set, text, reference.label, candidates, results, summaries, selection, fidelity_keys
     )
 
 
-def log_datasets(eval_set: EvalSet, text: FidelityText) -> None:
+def log_datasets(eval_set: EvalSet, text: FidelityText) -> tuple[Dataset, Dataset]:
+    """The evaluation set and the fidelity text as the run's inputs, returned so that metrics
+    can name the one they were measured on."""
     frame = pd.DataFrame(
         [{"id": i.id, "question": i.question, "reference": i.reference} for i in eval_set.items]
     )
-    dataset = mlflow.data.from_pandas(frame, source=str(eval_set.path), name=eval_set.name)
-    mlflow.log_input(dataset, context="evaluation")
-    documents = pd.DataFrame(
-        [{"id": d.id, "kind": d.kind, "sha256": text.sha256} for d in text.documents]
+    questions = mlflow.data.from_pandas(frame, source=str(eval_set.path), name=eval_set.name)
+    mlflow.log_input(questions, context="evaluation")
+    documents = mlflow.data.from_pandas(
+        pd.DataFrame([{"id": d.id, "kind": d.kind, "sha256": text.sha256} for d in text.documents]),
+        source=str(text.path),
+        name=text.name,
     )
-    mlflow.log_input(
-        mlflow.data.from_pandas(documents, source=str(text.path), name=text.name),
-        context="fidelity",
-    )
+    mlflow.log_input(documents, context="fidelity")
     mlflow.set_tags(
         {
             "evaluate.dataset": eval_set.name,
@@ -221,28 +234,88 @@ def log_datasets(eval_set: EvalSet, text: FidelityText) -> None:
             "evaluate.fidelity_text_sha256": text.sha256,
         }
     )
+    return questions, documents
 
 
 def log_candidate(
-    eval_set: EvalSet, result: CandidateResult, model_uri: str, summary: dict[str, float]
-) -> None:
-    """The candidate's summary on its own LoggedModel (so MLflow's model list and
-    `mlflow.search_logged_models` compare the builds), and its per-item verdicts through
-    MLflow's own evaluation (the UI's evaluation view); one nested run per model keeps the
-    unprefixed metrics apart."""
+    result: EvaluateResult, candidate: LoggedChatModel, measured: CandidateResult,
+    datasets: tuple[Dataset, Dataset], run_name: str,
+) -> None:  # fmt: skip
+    """The candidate's summary on its own LoggedModel, each metric with the dataset it was
+    measured on (so MLflow's model list compares the builds, grouped by dataset), and its
+    per-item verdicts through MLflow's own evaluation (the UI's evaluation view); one nested
+    run per model keeps the unprefixed metrics apart."""
     # The default 10 workers overflow SQLite's connection pool and drop trace links.
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
-    model_id = model_uri.removeprefix("models:/")
-    with mlflow.start_run(run_name=f"genai-evaluate-{result.label}", nested=True):
-        mlflow.set_tag("pipeline.step", "evaluate.genai")
-        mlflow.log_metrics(summary, model_id=model_id)
+    questions, documents = datasets
+    summary = result.summaries[candidate.label]
+    # Nested runs go to the process's current experiment unless told (the evaluate run's own
+    # experiment may be another: tracking.experiment).
+    parent = mlflow.active_run().info.experiment_id
+    with mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent) as child:
+        mlflow.set_tags({"pipeline.step": "evaluate.genai", "model.label": candidate.label})
+        link_models(child.info.run_id, [candidate.model_id])
+        on_text = {k: v for k, v in summary.items() if k in result.fidelity_keys}
+        on_questions = {k: v for k, v in summary.items() if k not in on_text}
+        mlflow.log_metrics(on_questions, model_id=candidate.model_id, dataset=questions)
+        mlflow.log_metrics(on_text, model_id=candidate.model_id, dataset=documents)
         mlflow.genai.evaluate(
-            data=genai_rows(eval_set, result), scorers=[answer_matches], model_id=model_id
+            data=genai_rows(result.eval_set, measured),
+            scorers=[answer_matches],
+            model_id=candidate.model_id,
         )
 
 
-def log_result(result: EvaluateResult) -> None:
-    log_datasets(result.eval_set, result.fidelity_text)
+def log_charts(result: EvaluateResult) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        speed, comparison = (
+            Path(scratch) / Path(chart).name for chart in (SPEED_CHART, COMPARISON_CHART)
+        )
+        speed_fidelity_chart(result.summaries, result.selection, speed)
+        comparison_chart(result.summaries, comparison)
+        for chart in (speed, comparison):
+            mlflow.log_artifact(str(chart), "eval")
+
+
+def evaluation_note(
+    cfg: PipelineConfig, result: EvaluateResult, models: dict[str, LoggedModel], run_id: str
+) -> str:
+    """The evaluate run's description: the choice and why, every candidate's row, the chart, and
+    links to the runs and models it evaluated."""
+    chosen = result.selection.chosen
+    text = result.fidelity_text
+    lines = [
+        f"## {cfg.model.display_name} on {cfg.compute.name}: {chosen}",
+        "",
+        f"**{chosen}** is what register's fastest_faithful policy chooses: "
+        f"{result.selection.reasons[chosen].removeprefix('chosen: ')}. Each candidate answered "
+        f"`{result.eval_set.name}` ({len(result.eval_set.items)} questions) and was scored "
+        f"token by token against the reference **{result.reference}** on `{text.name}`.",
+        "",
+        candidates_table(result.summaries, result.reference, result.selection.reasons),
+        "",
+        artifact_image(run_id, SPEED_CHART, "decode rate against fidelity"),
+        "",
+        "### What it evaluated",
+        "",
+    ]
+    fetch_runs = sorted({m.tags.get("fetch.run_id", "") for m in models.values()} - {""})
+    lines += [f"- fetch: {run_link(fetch_run)}" for fetch_run in fetch_runs]
+    lines += [
+        f"- {c.label}: {model_link(models[c.label])}, logged by "
+        f"{run_link(c.wrap_run_id or models[c.label].source_run_id)}"
+        for c in result.candidates
+    ]
+    lines += [
+        "",
+        "Per-item answers: `eval/items.json`; every metric: `eval/summary.md`; charts: "
+        f"`{COMPARISON_CHART}`, `{SPEED_CHART}` (Artifacts).",
+    ]
+    return "\n".join(lines)
+
+
+def log_result(cfg: PipelineConfig, result: EvaluateResult, run_id: str) -> None:
+    datasets = log_datasets(result.eval_set, result.fidelity_text)
     mlflow.set_tag("evaluate.reference", result.reference)
     mlflow.log_metrics(result.metrics)
     mlflow.log_table(pd.DataFrame(result.item_rows()), "eval/items.json")
@@ -251,23 +324,18 @@ def log_result(result: EvaluateResult) -> None:
     mlflow.log_table(summary_frame, "eval/summary.json")
     mlflow.log_text(summary_markdown(result.summaries, result.selection), "eval/summary.md")
     mlflow.log_dict([e.to_dict() for e in result.evaluated], "eval/candidates.json")
-    with tempfile.TemporaryDirectory() as scratch:
-        comparison, speed = (
-            Path(scratch) / "comparison.png",
-            Path(scratch) / "speed_vs_fidelity.png",
-        )
-        comparison_chart(result.summaries, comparison)
-        speed_fidelity_chart(result.summaries, result.selection, speed)
-        mlflow.log_artifact(str(comparison), "eval")
-        mlflow.log_artifact(str(speed), "eval")
+    log_charts(result)
+    client = MlflowClient()
+    models = {c.label: client.get_logged_model(c.model_id) for c in result.candidates}
+    link_models(run_id, [m.model_id for m in models.values()])
     for candidate, measured in zip(result.candidates, result.results, strict=True):
-        log_candidate(
-            result.eval_set, measured, candidate.model_uri, result.summaries[candidate.label]
-        )
+        name = run_name("evaluate", cfg, candidate.label)
+        log_candidate(result, candidate, measured, datasets, name)
+    set_note(run_id, evaluation_note(cfg, result, models, run_id))
 
 
 def main(cfg: PipelineConfig) -> EvaluateResult:
     with step_run("evaluate", cfg) as active:
         result = run(cfg, find_candidates(cfg, active.info.experiment_id))
-        log_result(result)
+        log_result(cfg, result, active.info.run_id)
         return result

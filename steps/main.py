@@ -53,6 +53,9 @@ from steps.config.schema import (
 from steps.errors import PipelineError
 from steps.evaluation.evalset import load_eval_set
 from steps.evaluation.fidelity import check_fills_a_window, load_fidelity_text
+from steps.evaluation.report import SPEED_CHART, candidates_table
+from steps.tracking.models import EvaluatedModel, logged_model_id
+from steps.tracking.notes import artifact_image, link_models, run_link, set_note, version_link
 from steps.tracking.provenance import PROJECT_ROOT, git_diff_sha256, git_state
 from steps.tracking.runs import step_run, tracking_uri
 from steps.tracking.server import check_tracking_server, redacted
@@ -314,7 +317,7 @@ def main(cfg: PipelineConfig, forwarded: list[str]) -> MainResult:
         started = time.monotonic()
         result = run(cfg, forwarded, parent, target)
         mlflow.log_metric("main_seconds", time.monotonic() - started)
-        _summarize(result.run_ids)
+        summarize(cfg, result, parent.info.run_id)
         return result
 
 
@@ -323,14 +326,58 @@ def _entry_of(name: str) -> str:
     return "fetch" if name == "fetch_onnx" else name.partition(".")[0]
 
 
-def _summarize(upstream: dict[str, str]) -> None:
-    """Record the lineage on the parent run and say where to look."""
+def pipeline_note(
+    cfg: PipelineConfig, result: MainResult, evaluated: list[EvaluatedModel], reference: str,
+    register_tags: dict[str, str] | None,
+) -> str:  # fmt: skip
+    """The parent run's description: what the pipeline registered and why, the candidates side
+    by side, the evaluation's chart, and every step's run."""
+    upstream = result.run_ids
+    lines = [f"## {cfg.model.display_name} on {cfg.compute.name}"]
+    if register_tags:
+        name, version, alias = (
+            register_tags[f"register.{k}"] for k in ("model_name", "version", "alias")
+        )
+        lines[0] += f": {name} version {version} is {alias}"
+        lines += [
+            "",
+            f"**{register_tags['register.chosen']}** chosen by register.choose="
+            f"{cfg.register.choose.value}: {register_tags.get('register.why', '')}; gate "
+            f"{register_tags['register.gate']}. {version_link(name, version)}, load it with "
+            f"`models:/{name}@{alias}`.",
+        ]
+    if evaluated:
+        lines += [
+            "",
+            candidates_table(
+                {e.model.label: e.summary for e in evaluated},
+                reference,
+                {e.model.label: e.verdict for e in evaluated},
+            ),
+            "",
+            artifact_image(upstream["evaluate"], SPEED_CHART, "decode rate against fidelity"),
+        ]
+    lines += ["", "| step | run | |", "|---|---|---|"]
+    lines += [
+        f"| {step} | {run_link(run_id)} | {'reused' if step in result.reused else 'ran'} |"
+        for step, run_id in upstream.items()
+    ]
+    return "\n".join(lines)
+
+
+def summarize(cfg: PipelineConfig, result: MainResult, parent_id: str) -> None:
+    """Record the lineage on the parent run (tags, the models its children made, a description)
+    and say where to look."""
+    upstream = result.run_ids
     client = MlflowClient()
     tags = {}
+    models = []
     for name, run_id in upstream.items():
         if _entry_of(name) in WRAP_STEPS:
             child = client.get_run(run_id).data.tags
             tags[f"main.model_uri.{child['model.label']}"] = child["model.uri"]
+            models.append(logged_model_id(child["model.uri"]))
+    link_models(parent_id, [model for model in models if model], made=True)
     uri = mlflow.get_tracking_uri()
     lines = [
         "pipeline finished. Look at it with:",
@@ -338,22 +385,33 @@ def _summarize(upstream: dict[str, str]) -> None:
         if uri.startswith("http")
         else f"  mlflow ui --backend-store-uri {uri}",
     ]
+    evaluated, reference = [], ""
     if "evaluate" in upstream:
-        metrics = client.get_run(upstream["evaluate"]).data.metrics
+        evaluate_run = client.get_run(upstream["evaluate"])
+        metrics = evaluate_run.data.metrics
         headline = {
             k: round(v, 3)
             for k, v in sorted(metrics.items())
             if k.endswith((".accuracy", ".kld_mean", ".tokens_per_s"))
         }
         lines.append(f"  evaluation ({upstream['evaluate']}): {headline}")
+        evaluated = [
+            EvaluatedModel.from_dict(entry)
+            for entry in mlflow.artifacts.load_dict(
+                f"runs:/{upstream['evaluate']}/eval/candidates.json"
+            )
+        ]
+        reference = evaluate_run.data.tags.get("evaluate.reference", "")
+    register_tags = None
     if "register" in upstream:
-        child = client.get_run(upstream["register"]).data.tags
+        register_tags = client.get_run(upstream["register"]).data.tags
         name, version, alias = (
-            child["register.model_name"],
-            child["register.version"],
-            child["register.alias"],
+            register_tags["register.model_name"],
+            register_tags["register.version"],
+            register_tags["register.alias"],
         )
         tags["main.registered"] = f"{name} v{version} @{alias}"
         lines.append(f"  registered: models:/{name}@{alias} (version {version})")
     mlflow.set_tags(tags)
+    set_note(parent_id, pipeline_note(cfg, result, evaluated, reference, register_tags))
     log.info("\n".join(lines))

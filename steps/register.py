@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import LoggedModel, Run
 from mlflow.entities.model_registry import ModelVersion
 
 from steps.config.compose import config_digest
@@ -40,6 +40,7 @@ from steps.evaluation.report import candidates_table
 from steps.evaluation.selection import fastest_faithful, gate_failures
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel
+from steps.tracking.notes import link_models, model_link, run_link, set_note, version_link
 from steps.tracking.provenance import git_state
 from steps.tracking.registry import (
     register_version,
@@ -62,6 +63,10 @@ class RegisterResult:
     failures: list[str]  # gate checks it failed; empty: passed
     registered_name: str
     reasons: dict[str, str]  # candidate label -> why it was or was not chosen
+
+    @property
+    def why(self) -> str:
+        return self.reasons[self.chosen.model.label].removeprefix("chosen: ")
 
     @property
     def gate(self) -> str:
@@ -194,8 +199,57 @@ def version_tags(
     } | {f"metrics.{k}": f"{v:.6g}" for k, v in chosen.summary.items()}
 
 
+@dataclass(frozen=True)
+class Registered:
+    """Where register put the chosen model: the version, its alias, and the champion it was
+    compared with."""
+
+    name: str
+    version: str
+    alias: str
+    created: bool
+    champion_before: str | None
+
+
+def register_note(
+    cfg: PipelineConfig, result: RegisterResult, candidates: list[EvaluatedModel],
+    reference: str, evaluate_run: Run, model: LoggedModel, registered: Registered | None,
+) -> str:  # fmt: skip
+    """The register run's description: what was registered where and why, the candidates, and
+    links to the evaluation and the model."""
+    chosen = result.chosen.model.label
+    if registered is None:
+        headline = f"## Nothing registered: {chosen} failed the quality gate"
+        outcome = f"Gate: {result.gate}. The champion, if any, is untouched."
+    else:
+        headline = f"## {registered.name} version {registered.version} is {registered.alias}"
+        version = version_link(registered.name, registered.version)
+        before = f"version {registered.champion_before}" if registered.champion_before else "none"
+        how = "Registered now as" if registered.created else "Already registered (same model) as"
+        outcome = (
+            f"{how} {version}; gate {result.gate}; champion before: {before}. Load it with "
+            f"`models:/{registered.name}@{registered.alias}`."
+        )
+    return "\n".join(
+        [
+            headline,
+            "",
+            f"**{chosen}** chosen by register.choose={cfg.register.choose.value}: "
+            f"{result.why}. {outcome}",
+            "",
+            candidates_table(
+                {c.model.label: c.summary for c in candidates}, reference, result.reasons
+            ),
+            "",
+            f"- Evaluation: {run_link(evaluate_run.info.run_id)}",
+            f"- Model: {model_link(model)}, logged by {run_link(model.source_run_id)}",
+        ]
+    )
+
+
 def main(cfg: PipelineConfig) -> RegisterResult:
     with step_run("register", cfg) as active:
+        run_id = active.info.run_id
         evaluate_run = find_evaluate_run(cfg, active.info.experiment_id)
         candidates = mlflow.artifacts.load_dict(
             f"runs:/{evaluate_run.info.run_id}/eval/candidates.json"
@@ -204,8 +258,20 @@ def main(cfg: PipelineConfig) -> RegisterResult:
         reference = evaluate_run.data.tags.get("evaluate.reference", cfg.reference_label)
         result = run(cfg, evaluated, reference)
         chosen, name = result.chosen, result.registered_name
-        mlflow.set_tags({"register.chosen": chosen.model.label, "register.gate": result.gate[:500]})
+        mlflow.set_tags(
+            {
+                "register.chosen": chosen.model.label,
+                "register.why": result.why[:500],
+                "register.gate": result.gate[:500],
+            }
+        )
+        model = MlflowClient().get_logged_model(chosen.model.model_id)
+        link_models(run_id, [model.model_id])
         if result.failures and not cfg.register.allow_challenger:
+            set_note(
+                run_id,
+                register_note(cfg, result, evaluated, reference, evaluate_run, model, None),
+            )
             raise PipelineError(
                 f"{chosen.model.label} failed the quality gate ({'; '.join(result.failures)}); "
                 "nothing was registered. Set register.allow_challenger=true to register it as "
@@ -219,7 +285,7 @@ def main(cfg: PipelineConfig) -> RegisterResult:
         needs = f"EDIT permission on registered model {name!r}"
         with (
             tracking_errors(mlflow.get_tracking_uri(), needs),
-            registry_lock(name, active.info.run_id),
+            registry_lock(name, run_id),
         ):
             version, created = register_version(name, chosen.model.model_uri, key, card, tags)
             champion = version_by_alias(name, "champion")
@@ -227,14 +293,21 @@ def main(cfg: PipelineConfig) -> RegisterResult:
                 bool(result.failures), champion, str(version.version), chosen.summary
             )
             set_alias(name, alias, version.version)
+        registered = Registered(
+            name, str(version.version), alias, created, str(champion.version) if champion else None
+        )
         mlflow.set_tags(
             {
                 "register.model_name": name,
-                "register.version": str(version.version),
+                "register.version": registered.version,
                 "register.alias": alias,
                 "register.created": str(created).lower(),
-                "register.champion_before": str(champion.version) if champion else "none",
+                "register.champion_before": registered.champion_before or "none",
             }
+        )
+        set_note(
+            run_id,
+            register_note(cfg, result, evaluated, reference, evaluate_run, model, registered),
         )
         log.info(
             "registered %s version %s as %s (%s): load it with models:/%s@%s",

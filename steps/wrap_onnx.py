@@ -7,8 +7,9 @@ provider; cached by its inputs) or the variant's prebuilt export for the
 compute target (`wrap.onnx_source`). Logs it with `steps/serving/onnx_chat_model.py` as a
 models-from-code pyfunc that serves the same chat schema as wrap_transformers.
 
-Run artifacts: the logged model `model`, `onnx_manifest.json` (every file of the ONNX folder
-with its sha256, and the build inputs), `config.yaml`. Tags: those of steps.tracking.models
+Run artifacts: the logged model (named `<variant>-onnx-<precision>-<target>`),
+`onnx_manifest.json` (every file of the ONNX folder with its sha256, and the build inputs),
+`config.yaml`. Tags: those of steps.tracking.models
 (`model.runtime` onnx, `model.precision`, `model.label`, `model.uri`, `model.key`,
 `fetch.run_id`, ...) and `onnx.source`, `onnx.cache`. Metrics: `onnx_build_seconds`,
 `onnx_model_bytes`, `wrap_seconds`.
@@ -40,7 +41,13 @@ from steps.onnx.build import build_inputs, build_onnx, check_buildable
 from steps.serving.chat import CHAT_EXAMPLE, chat_signature
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
-from steps.tracking.models import LoggedChatModel, WrapResult, log_wrap_result, model_tags
+from steps.tracking.models import (
+    LoggedChatModel,
+    WrapResult,
+    log_wrap_result,
+    logged_model_name,
+    model_tags,
+)
 from steps.tracking.runs import model_key, step_run
 
 log = logging.getLogger(__name__)
@@ -110,7 +117,7 @@ def log_onnx_chat_model(cfg: PipelineConfig, folder: Path, name: str, tags: dict
         copy = Path(scratch) / "onnx_model"
         shutil.copytree(folder, copy, symlinks=False, copy_function=link_or_copy)
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             python_model=str(MODEL_CODE),
             artifacts={"onnx_model": str(copy)},
             model_config={
@@ -153,7 +160,7 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
         folder, manifest, cache, seconds = (
             built.model_dir, built.manifest, built.cache, built.seconds,
         )  # fmt: skip
-    name = f"{cfg.model.name}-{RUNTIME.value}-{precision}-{cfg.compute.onnx_provider.value}"
+    name = logged_model_name(cfg.model.name, RUNTIME, precision, cfg.compute.target)
     tags = model_tags(
         RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
         snapshot.manifest.snapshot_id,

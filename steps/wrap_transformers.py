@@ -5,7 +5,8 @@ logs it with `mlflow.transformers.log_model(task="llm/v1/chat")`, so it answers 
 chat requests. Generation defaults come from the `generation` config group (greedy by default:
 the flavor samples unless told otherwise).
 
-Run artifacts: the logged model `model` (a LoggedModel, `models:/m-<id>`), `config.yaml`.
+Run artifacts: the logged model (a LoggedModel, `models:/m-<id>`, named
+`<variant>-transformers-<precision>-<target>`), `config.yaml`.
 Tags: those of steps.tracking.models (`model.runtime` transformers, `model.precision` from
 compute.torch_dtype, `model.label`, `model.uri`, `model.key`, `fetch.run_id`, ...). Metric:
 `wrap_seconds`.
@@ -32,7 +33,13 @@ from steps.errors import PipelineError
 from steps.serving.chat import CHAT_EXAMPLE
 from steps.sources.snapshots import FetchOutcome
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
-from steps.tracking.models import LoggedChatModel, WrapResult, log_wrap_result, model_tags
+from steps.tracking.models import (
+    LoggedChatModel,
+    WrapResult,
+    log_wrap_result,
+    logged_model_name,
+    model_tags,
+)
 from steps.tracking.runs import model_key, step_run
 
 log = logging.getLogger(__name__)
@@ -113,10 +120,10 @@ def check_reference_is_reproducible(snapshot: FetchOutcome) -> None:
         )
 
 
-def log_chat_model(chat, cfg: PipelineConfig, tags: dict[str, str]):
+def log_chat_model(chat, cfg: PipelineConfig, name: str, tags: dict[str, str]):
     return mlflow.transformers.log_model(
         transformers_model=chat,
-        name="model",
+        name=name,
         task="llm/v1/chat",
         model_config=generation_defaults(cfg.generation),
         pip_requirements=serving_requirements(),
@@ -142,9 +149,10 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
         RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
         snapshot.manifest.snapshot_id,
     )  # fmt: skip
-    log.info("logging the %s chat model to the tracking server", RUNTIME.value)
-    info = log_chat_model(chat, cfg, tags)
-    log.info("logged %s chat model %s", RUNTIME.value, info.model_uri)
+    name = logged_model_name(cfg.model.name, RUNTIME, precision, cfg.compute.target)
+    log.info("logging the %s chat model %s to the tracking server", RUNTIME.value, name)
+    info = log_chat_model(chat, cfg, name, tags)
+    log.info("logged %s chat model %s (%s)", RUNTIME.value, info.model_uri, name)
     return WrapResult(
         model=LoggedChatModel(RUNTIME, precision, info.model_uri, info.run_id),
         tags=tags | {"model.uri": info.model_uri},

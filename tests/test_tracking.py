@@ -54,7 +54,7 @@ def test_a_step_outside_mlflow_run_opens_its_own_run(compose, tracking_uri) -> N
     # Artifacts beside the database, not in whatever directory the test runs from.
     database = Path(tracking_uri.removeprefix("sqlite:///"))
     assert experiment.artifact_location == (database.parent / "mlruns").as_uri()
-    assert finished.info.run_name == "fetch-smollm2-135m-cpu"
+    assert finished.info.run_name == "fetch smollm2-135m cpu"
     assert finished.data.tags["pipeline.step"] == "fetch"
     assert finished.data.tags["versions.hydra-core"] == "1.3.8"
     config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))

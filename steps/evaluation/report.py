@@ -91,6 +91,10 @@ def per_item_rows(eval_set: EvalSet, candidates: list[CandidateResult]) -> list[
     return rows
 
 
+# Where an evaluate run keeps its charts; the run notes of evaluate and main show the first.
+SPEED_CHART, COMPARISON_CHART = "eval/speed_vs_fidelity.png", "eval/comparison.png"
+
+
 def _pyplot():
     import matplotlib
 

@@ -9,6 +9,7 @@ evaluate's `eval/candidates.json`; nothing parses a label back into its parts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,12 @@ from mlflow.entities import Run
 
 from steps.config.schema import Runtime, model_label
 from steps.errors import PipelineError
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """`m-<hex>` of a logged model's `models:/m-<hex>` URI (the wrap steps log those)."""
+    found = re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)
+    return found.group(1) if found else None
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,13 @@ class LoggedChatModel:
         if not self.label:
             object.__setattr__(self, "label", model_label(self.runtime, self.precision))
 
+    @property
+    def model_id(self) -> str:
+        found = logged_model_id(self.model_uri)
+        if found is None:
+            raise PipelineError(f"{self.label}: {self.model_uri} is not a logged model's URI")
+        return found
+
     @classmethod
     def from_run(cls, run: Run) -> LoggedChatModel:
         tags = run.data.tags
@@ -40,6 +54,12 @@ class LoggedChatModel:
                 f"wrap run {run.info.run_id} records model.runtime="
                 f"{tags.get('model.runtime')!r} and no model.precision, as runs made before "
                 f"runtimes were named {' or '.join(runtimes)} did: wrap the model again "
+                f"(mlflow run . -e {tags.get('pipeline.step', 'wrap_onnx')})"
+            )
+        if logged_model_id(tags.get("model.uri", "")) is None:
+            raise PipelineError(
+                f"wrap run {run.info.run_id} records model.uri={tags.get('model.uri')!r}, not "
+                "a logged model (models:/m-<id>): wrap the model again "
                 f"(mlflow run . -e {tags.get('pipeline.step', 'wrap_onnx')})"
             )
         return cls(
@@ -67,6 +87,13 @@ def log_wrap_result(result: WrapResult, key: str | None) -> None:
     mlflow.log_metrics(result.metrics)
 
 
+def logged_model_name(variant: str, runtime: Runtime, precision: str, target: str) -> str:
+    """`<variant>-<runtime>-<precision>-<compute target>` (`smollm2-135m-onnx-int8-cpu`): what a
+    wrap step names the model it logs, so that the experiment's model list reads without opening
+    a model; the label and the registered name (`<variant>-<runtime>-<target>`) in one."""
+    return f"{variant}-{model_label(runtime, precision)}-{target}"
+
+
 def model_tags(
     runtime: Runtime, precision: str, variant: str, compute: str, fetch_run_id: str,
     snapshot_id: str,
@@ -89,13 +116,14 @@ class EvaluatedModel:
 
     model: LoggedChatModel
     summary: dict[str, float]
+    verdict: str = ""  # the fastest_faithful policy's line on it (older files have none)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.model) | {"summary": self.summary}
+        return dataclasses.asdict(self.model) | {"summary": self.summary, "verdict": self.verdict}
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any]) -> EvaluatedModel:
         fields = {f.name for f in dataclasses.fields(LoggedChatModel)}
         model = {key: value for key, value in entry.items() if key in fields}
         model["runtime"] = Runtime(model["runtime"])
-        return cls(LoggedChatModel(**model), dict(entry["summary"]))
+        return cls(LoggedChatModel(**model), dict(entry["summary"]), entry.get("verdict", ""))

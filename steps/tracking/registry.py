@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterator
 
@@ -27,6 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from steps.config.schema import Runtime
 from steps.errors import PipelineError
+from steps.tracking.models import logged_model_id
 from steps.tracking.server import who
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,6 @@ def register_version(
         model_id=logged_model_id(model_uri),
     )
     return version, True
-
-
-def logged_model_id(model_uri: str) -> str | None:
-    """`m-<hex>` of a logged model's `models:/m-<hex>` URI (the wrap steps log those)."""
-    found = re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)
-    return found.group(1) if found else None
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersion | None:

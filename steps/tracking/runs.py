@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from steps.config.compose import config_digest, resolved_config_yaml
-from steps.config.schema import PipelineConfig
+from steps.config.schema import FetchArtifact, OnnxSource, PipelineConfig
 from steps.tracking.provenance import (
     PROJECT_ROOT,
     git_diff_sha256,
@@ -102,6 +102,24 @@ def model_key(cfg: PipelineConfig, model_tags: dict[str, str]) -> str | None:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def run_name(step: str, cfg: PipelineConfig, detail: str | None = None) -> str:
+    """The step and the choices that tell its runs apart (`evaluate smollm2-135m cpu`,
+    `wrap_onnx smollm2-135m int4-k_quant_last cpu`), so that run lists and breadcrumbs read
+    without opening a run; `detail` names what a nested run is about (a candidate's label)."""
+    choices: list[str] = [detail] if detail else []
+    if step == "fetch" and cfg.fetch.artifact is not FetchArtifact.weights:
+        choices.append(cfg.fetch.artifact.value)
+    elif step == "wrap_transformers":
+        choices.append(cfg.compute.torch_dtype.precision)
+    elif step == "wrap_onnx":
+        source = cfg.resolved_onnx_source
+        if source is OnnxSource.prebuilt:
+            choices.append(cfg.prebuilt_onnx_precision)
+        elif source is OnnxSource.build:
+            choices.append(cfg.onnx_build.name)
+    return " ".join([step, cfg.model.name, *choices, cfg.compute.name])
+
+
 @contextlib.contextmanager
 def step_run(step: str, cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     """The MLflow run of one step, with the resolved config, params and provenance logged. The
@@ -111,12 +129,13 @@ def step_run(step: str, cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
     mlflow.set_tracking_uri(uri)
     experiment = experiment_name(cfg)
     with tracking_errors(uri, needs=f"EDIT permission on experiment {experiment!r}"):
+        name = run_name(step, cfg)
         if os.environ.get("MLFLOW_RUN_ID"):
-            run_context = mlflow.start_run()  # created by `mlflow run`
+            run_context = mlflow.start_run()  # created by `mlflow run`, with a random name
+            MlflowClient().update_run(os.environ["MLFLOW_RUN_ID"], name=name)
         else:
-            run_name = f"{step}-{cfg.model.name}-{cfg.compute.name}"
             run_context = mlflow.start_run(
-                experiment_id=_experiment_id(experiment, uri), run_name=run_name
+                experiment_id=_experiment_id(experiment, uri), run_name=name
             )
         with run_context as run:
             log.info("tracking %s run %s at %s", step, run.info.run_id, redacted(uri))
