@@ -181,6 +181,16 @@ def test_runs_are_named_after_their_step_and_choices(pipeline, compose) -> None:
     assert run_name("wrap_onnx", built) == "wrap_onnx smollm2-135m int4-k_quant_last cpu"
 
 
+def test_a_run_that_mlflow_run_created_is_renamed(compose, tracking_uri, monkeypatch) -> None:
+    created = MlflowClient().create_run(
+        MlflowClient().create_experiment("e"), run_name="bald-robin-343"
+    )
+    monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
+    with step_run("evaluate", compose()) as run:
+        assert run.info.run_id == created.info.run_id
+    assert mlflow.get_run(run.info.run_id).info.run_name == "evaluate smollm2-135m cpu"
+
+
 def _model_inputs(run: Run) -> set[str]:
     return {model.model_id for model in run.inputs.model_inputs}
 

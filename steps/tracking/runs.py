@@ -132,12 +132,13 @@ def step_run(step: str, cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
         name = run_name(step, cfg)
         if os.environ.get("MLFLOW_RUN_ID"):
             run_context = mlflow.start_run()  # created by `mlflow run`, with a random name
-            MlflowClient().update_run(os.environ["MLFLOW_RUN_ID"], name=name)
         else:
             run_context = mlflow.start_run(
                 experiment_id=_experiment_id(experiment, uri), run_name=name
             )
         with run_context as run:
+            if run.info.run_name != name:
+                MlflowClient().update_run(run.info.run_id, name=name)
             log.info("tracking %s run %s at %s", step, run.info.run_id, redacted(uri))
             mlflow.log_text(resolved_config_yaml(cfg), "config.yaml")
             mlflow.log_params(flat_params(cfg))
