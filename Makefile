@@ -1,8 +1,8 @@
 # Two commands for a fresh machine (see README.md):
 #   make run    create .venv, install the project, run the whole pipeline (`mlflow run .`, entry
 #               point main) on the bundled default model
-#   make test   create .venv if needed (and install PostgreSQL for the tests' tracking server),
-#               then ruff and the whole test suite
+#   make test   create .venv if needed (and install PostgreSQL and Chromium from Debian's
+#               packages for the tests), then ruff and the whole test suite
 # Base images for Kubernetes (deploy/Dockerfile; needs docker):
 #   make image-cpu, make image-cuda   build llm-to-mlflow-base:<flavor>-<hash of the pins>
 PYTHON ?= python3
@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # `mlflow run` reads the experiment from here; steps started without it use tracking.experiment.
 export MLFLOW_EXPERIMENT_NAME ?= llm-to-mlflow
 
-.PHONY: install postgresql run test image-cpu image-cuda
+.PHONY: install test-packages run test image-cpu image-cuda
 
 # pip (not uv) so that torch==2.13.0 resolves to the local CPU wheel.
 $(BIN)/.installed: pyproject.toml
@@ -24,13 +24,19 @@ install: $(BIN)/.installed
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local
 
-# The tests' tracking server runs on PostgreSQL from Debian's packages (tests/servers.py starts
-# a cluster of its own); installed when missing, which needs root.
-postgresql:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+# What the tests need from Debian's packages, installed when missing (which needs root):
+# PostgreSQL for their tracking server (tests/servers.py starts a cluster of its own), and
+# Chromium for the MLflow UI test (Playwright drives that binary; it never downloads a browser).
+test-packages:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
-test: install postgresql
+test: install test-packages
 	$(BIN)/ruff check steps tests bench deploy
 	$(BIN)/ruff format --check steps tests bench deploy
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest

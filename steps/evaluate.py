@@ -18,8 +18,14 @@ inputs; tag `evaluate.reference` names the reference. Metrics, per candidate lab
 the reference), `.kld_mean`, `.kld_p99`, `.kld_max`, `.top1_agreement` (with its interval),
 `.ppl`, `.ppl_ratio`, `.delta_p_rms`, `.latency_p50_s`, `.latency_p95_s`, `.ttft_mean_s`,
 `.tokens_per_s`, `.peak_rss_mb`, ..., and `parity` (share of items where all models gave the
-same answer). Each candidate's metrics are also logged on its own LoggedModel, and the per-item
-scores go through `mlflow.genai.evaluate`, so MLflow's UI compares them without our artifacts.
+same answer).
+
+In MLflow's UI: the candidates are the run's model inputs; each has a nested run
+(`evaluate <variant> <label> <compute>`) that logs its headline metrics on its LoggedModel,
+with the dataset each was measured on (report.MODEL_LIST_METRICS: the experiment's model list
+compares the builds on them), and its per-item scores through `mlflow.genai.evaluate`. The
+run's description says which build fastest_faithful chooses and why, with every candidate's
+row, the speed-against-fidelity chart and links to the runs and models it evaluated.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from steps.evaluation.fidelity import FidelityText, load_fidelity_text
 from steps.evaluation.measure import CandidateResult, evaluate_candidate
 from steps.evaluation.report import (
     COMPARISON_CHART,
+    MODEL_LIST_METRICS,
     SPEED_CHART,
     candidates_table,
     comparison_chart,
@@ -241,10 +248,10 @@ def log_candidate(
     result: EvaluateResult, candidate: LoggedChatModel, measured: CandidateResult,
     datasets: tuple[Dataset, Dataset], run_name: str,
 ) -> None:  # fmt: skip
-    """The candidate's summary on its own LoggedModel, each metric with the dataset it was
-    measured on (so MLflow's model list compares the builds, grouped by dataset), and its
-    per-item verdicts through MLflow's own evaluation (the UI's evaluation view); one nested
-    run per model keeps the unprefixed metrics apart."""
+    """The candidate's headline metrics on its own LoggedModel, each with the dataset it was
+    measured on (so MLflow's model list compares the builds side by side, grouped by dataset),
+    and its per-item verdicts through MLflow's own evaluation (the UI's evaluation view); one
+    nested run per model keeps the unprefixed metrics apart."""
     # The default 10 workers overflow SQLite's connection pool and drop trace links.
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
     questions, documents = datasets
@@ -255,8 +262,9 @@ def log_candidate(
     with mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent) as child:
         mlflow.set_tags({"pipeline.step": "evaluate.genai", "model.label": candidate.label})
         link_models(child.info.run_id, [candidate.model_id])
-        on_text = {k: v for k, v in summary.items() if k in result.fidelity_keys}
-        on_questions = {k: v for k, v in summary.items() if k not in on_text}
+        shown = {key: summary[key] for key in MODEL_LIST_METRICS if key in summary}
+        on_text = {k: v for k, v in shown.items() if k in result.fidelity_keys}
+        on_questions = {k: v for k, v in shown.items() if k not in on_text}
         mlflow.log_metrics(on_questions, model_id=candidate.model_id, dataset=questions)
         mlflow.log_metrics(on_text, model_id=candidate.model_id, dataset=documents)
         mlflow.genai.evaluate(

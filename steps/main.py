@@ -357,7 +357,7 @@ def pipeline_note(
             "",
             artifact_image(upstream["evaluate"], SPEED_CHART, "decode rate against fidelity"),
         ]
-    lines += ["", "| step | run | |", "|---|---|---|"]
+    lines += ["", "| step | run | ran or reused |", "|---|---|---|"]
     lines += [
         f"| {step} | {run_link(run_id)} | {'reused' if step in result.reused else 'ran'} |"
         for step, run_id in upstream.items()

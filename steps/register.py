@@ -167,7 +167,7 @@ def model_card(
             f"(sha256 {tags.get('evaluate.dataset_sha256', '')[:12]}), fidelity text "
             f"`{tags.get('evaluate.fidelity_text')}` "
             f"(sha256 {tags.get('evaluate.fidelity_text_sha256', '')[:12]}), "
-            f"run `{evaluate_run.info.run_id}`",
+            f"run {run_link(evaluate_run.info.run_id)}",
             f"- Accuracy {s['accuracy']:.3f}; latency p50 {s['latency_p50_s']:.2f} s, "
             f"p95 {s['latency_p95_s']:.2f} s; {s['tokens_per_s']:.1f} output tokens/s; "
             f"peak RSS {s['peak_rss_mb']:.0f} MiB",

@@ -91,6 +91,14 @@ def per_item_rows(eval_set: EvalSet, candidates: list[CandidateResult]) -> list[
     return rows
 
 
+# What each candidate's LoggedModel carries, in the order the experiment's model list shows
+# its columns: accuracy and speed on the questions, then fidelity on the text. Few enough to
+# stand side by side on one screen; every metric stays on the evaluate run.
+MODEL_LIST_METRICS = (
+    "accuracy", "tokens_per_s", "latency_p95_s", "peak_rss_mb",
+    "kld_mean", "top1_agreement", "ppl_ratio",
+)  # fmt: skip
+
 # Where an evaluate run keeps its charts; the run notes of evaluate and main show the first.
 SPEED_CHART, COMPARISON_CHART = "eval/speed_vs_fidelity.png", "eval/comparison.png"
 

@@ -16,6 +16,7 @@ holder that died is broken when its holder's run has ended or it is older than S
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from steps.config.schema import Runtime
 from steps.errors import PipelineError
@@ -157,16 +159,31 @@ def register_version(
     )
     if existing:
         log.info("%s is already version %s of %s", model_uri, existing[0].version, name)
-        return existing[0], False
-    # One call: the version is created whole, with its tags and model card, or not at all.
-    version = client.create_model_version(
-        name,
-        model_uri,
-        tags=tags | {"model.key": model_key, "source.model_uri": model_uri},
-        description=description,
-        model_id=logged_model_id(model_uri),
-    )
-    return version, True
+        version, created = existing[0], False
+    else:
+        # One call: the version is created whole, with its tags and model card, or not at all.
+        version = client.create_model_version(
+            name,
+            model_uri,
+            tags=tags | {"model.key": model_key, "source.model_uri": model_uri},
+            description=description,
+            model_id=logged_model_id(model_uri),
+        )
+        created = True
+    if model_id := logged_model_id(version.source):
+        _list_on_logged_model(client, model_id, name, version.version)
+    return version, created
+
+
+def _list_on_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """What mlflow.register_model records on the logged model, and the UI reads for the
+    "Registered models" of the model list and of the runs that logged or used the model."""
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    entry = {"name": name, "version": int(version)}
+    if entry not in listed:
+        client.set_logged_model_tags(
+            model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])}
+        )
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersion | None:

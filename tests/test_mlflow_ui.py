@@ -1,0 +1,131 @@
+"""The MLflow UI after one whole pipeline, opened as a new user would: `mlflow ui` on the store of
+the session's pipeline run (conftest's remote_pipeline: its PostgreSQL database and artifacts),
+looked at in headless Chromium from Debian's packages, driven by Playwright (never a downloaded
+browser). Each page's screenshot goes to test-artifacts/mlflow-ui/ (LLM_TO_MLFLOW_TEST_ARTIFACTS
+puts them elsewhere). tests/test_run_pages.py asserts the same facts through the client API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_ROOT, PipelineRuns
+from mlflow import MlflowClient
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from steps.serving.processes import clean_env, free_port, running
+
+pytestmark = pytest.mark.slow
+BUILDS = ("fp32", "int8", "int4", "int4-k_quant_last")  # conf/compute/cpu.yaml's sweep
+MODELS = (
+    "smollm2-135m-transformers-fp32-cpu",
+    *(f"smollm2-135m-onnx-{build}-cpu" for build in BUILDS),
+)
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+# The UI opens its assistant panel on a first visit, over half the page; a new user closes it.
+ASSISTANT_CLOSED = """
+localStorage.setItem("mlflow.assistant.fab.autoOpenedOnFirstLoad_v1", "true");
+localStorage.setItem("mlflow.assistant.panelOpen_v1", "false");
+"""
+PAGE_LOADS_IN_MS = 60_000  # two slow cores, a cold server, the UI's first fetches
+
+
+def screenshots() -> Path:
+    root = os.environ.get("LLM_TO_MLFLOW_TEST_ARTIFACTS") or PROJECT_ROOT / "test-artifacts"
+    folder = Path(root) / "mlflow-ui"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ui(remote_pipeline: PipelineRuns, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow ui` on the pipeline's store: the tracking server's database and artifacts,
+    without its login."""
+    setup = remote_pipeline.server.setup
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", setup.cluster.uri(setup.database),
+        "--artifacts-destination", str(setup.artifacts),
+        "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1",
+    ]  # fmt: skip
+    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    log = tmp_path_factory.mktemp("mlflow-ui") / "ui.log"
+    with running(command, env, f"{url}/health", log):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Chromium is not installed: apt-get install -y chromium (make test does it)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1600, "height": 1400})
+    context.add_init_script(ASSISTANT_CLOSED)
+    context.set_default_timeout(PAGE_LOADS_IN_MS)
+    yield context.new_page()
+    context.close()
+
+
+def test_evaluate_run_shows_its_models_and_its_report(ui, page, remote_pipeline) -> None:
+    run_id = remote_pipeline.cold.data.tags["main.evaluate.run_id"]
+    page.goto(f"{ui}/#/runs/{run_id}")
+    expect(page.get_by_role("heading", name="evaluate smollm2-135m cpu")).to_be_visible()
+    expect(page.get_by_text("Logged models (5)")).to_be_visible()
+    for name in MODELS:
+        expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+    expect(page.get_by_text("is what register's fastest_faithful policy chooses")).to_be_visible()
+    page.get_by_text("Show more").click()
+    chart = page.get_by_role("img", name="decode rate against fidelity")
+    expect(chart).to_be_visible()
+    assert chart.evaluate("image => image.naturalWidth") > 0  # served by the UI, not broken
+    page.screenshot(path=screenshots() / "evaluate-run.png")
+
+
+def test_model_list_names_each_build_and_compares_their_metrics(ui, page, remote_pipeline):
+    experiment = remote_pipeline.cold.info.experiment_id
+    page.set_viewport_size({"width": 2400, "height": 900})
+    page.goto(f"{ui}/#/experiments/{experiment}/models")
+    for name in MODELS:
+        expect(page.get_by_role("link", name=name, exact=True)).to_have_count(1)
+    for column in ("accuracy", "tokens_per_s"):
+        expect(page.get_by_role("columnheader", name=column, exact=True)).to_be_visible()
+    expect(page.get_by_text("chat-basics-v2").first).to_be_visible()
+    expect(page.get_by_text("fidelity-v1").first).to_be_visible()
+    page.screenshot(path=screenshots() / "model-list.png")
+
+
+def test_registered_version_shows_its_model_card_and_alias(ui, page, remote_pipeline) -> None:
+    champion = MlflowClient(remote_pipeline.server.uri).get_model_version_by_alias(
+        "smollm2-135m-onnx-cpu", "champion"
+    )
+    page.goto(f"{ui}/#/models/smollm2-135m-onnx-cpu/versions/{champion.version}")
+    card = f"SmolLM2-135M-Instruct ({champion.tags['model.label']}, cpu)"
+    expect(page.get_by_role("heading", name=card)).to_be_visible()
+    expect(page.get_by_text("champion", exact=True)).to_be_visible()
+    model = f"smollm2-135m-{champion.tags['model.label']}-cpu"
+    expect(page.get_by_role("link", name=model, exact=True)).to_be_visible()
+    page.screenshot(path=screenshots() / "registered-version.png")
+
+
+def test_main_run_shows_what_the_pipeline_made(ui, page, remote_pipeline) -> None:
+    page.goto(f"{ui}/#/runs/{remote_pipeline.cold.info.run_id}")
+    expect(page.get_by_role("heading", name="main smollm2-135m cpu")).to_be_visible()
+    expect(page.get_by_text("Logged models (5)")).to_be_visible()
+    expect(page.get_by_text("smollm2-135m-onnx-cpu version 1 is champion")).to_be_visible()
+    page.screenshot(path=screenshots() / "main-run.png")
