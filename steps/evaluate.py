@@ -246,7 +246,7 @@ def log_datasets(eval_set: EvalSet, text: FidelityText) -> tuple[Dataset, Datase
 
 def log_candidate(
     result: EvaluateResult, candidate: LoggedChatModel, measured: CandidateResult,
-    datasets: tuple[Dataset, Dataset], run_name: str,
+    datasets: tuple[Dataset, Dataset], name: str,
 ) -> None:  # fmt: skip
     """The candidate's headline metrics on its own LoggedModel, each with the dataset it was
     measured on (so MLflow's model list compares the builds side by side, grouped by dataset),
@@ -259,7 +259,7 @@ def log_candidate(
     # Nested runs go to the process's current experiment unless told (the evaluate run's own
     # experiment may be another: tracking.experiment).
     parent = mlflow.active_run().info.experiment_id
-    with mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent) as child:
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=parent) as child:
         mlflow.set_tags({"pipeline.step": "evaluate.genai", "model.label": candidate.label})
         link_models(child.info.run_id, [candidate.model_id])
         shown = {key: summary[key] for key in MODEL_LIST_METRICS if key in summary}
@@ -337,8 +337,9 @@ def log_result(cfg: PipelineConfig, result: EvaluateResult, run_id: str) -> None
     models = {c.label: client.get_logged_model(c.model_id) for c in result.candidates}
     link_models(run_id, [m.model_id for m in models.values()])
     for candidate, measured in zip(result.candidates, result.results, strict=True):
-        name = run_name("evaluate", cfg, candidate.label)
-        log_candidate(result, candidate, measured, datasets, name)
+        log_candidate(
+            result, candidate, measured, datasets, run_name("evaluate", cfg, candidate.label)
+        )
     set_note(run_id, evaluation_note(cfg, result, models, run_id))
 
 

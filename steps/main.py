@@ -18,7 +18,9 @@ locally.
 Parent run tags: `main.<step>.run_id` and `main.<step>.reused` per step, where a wrap_onnx step
 is named after its build (`main.wrap_onnx.int8.run_id`; the prebuilt export's is plain
 `wrap_onnx`), `main.model_uri.<label>` (`transformers-fp32`, `onnx-int8`, ...),
-`main.registered` (name, version and alias).
+`main.registered` (name, version and alias). The parent lists the models its wraps made as its
+outputs, and its description (MLflow's run note) says what was registered and why, with the
+candidate table, the evaluation's chart and every step's run.
 """
 
 from __future__ import annotations
@@ -376,8 +378,10 @@ def summarize(cfg: PipelineConfig, result: MainResult, parent_id: str) -> None:
         if _entry_of(name) in WRAP_STEPS:
             child = client.get_run(run_id).data.tags
             tags[f"main.model_uri.{child['model.label']}"] = child["model.uri"]
-            models.append(logged_model_id(child["model.uri"]))
-    link_models(parent_id, [model for model in models if model], made=True)
+            if model_id := logged_model_id(child["model.uri"]):
+                models.append(model_id)
+    if models:
+        link_models(parent_id, models, made=True)
     uri = mlflow.get_tracking_uri()
     lines = [
         "pipeline finished. Look at it with:",

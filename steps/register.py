@@ -17,9 +17,11 @@ metrics), aliased `champion` when it beats the current champion (or there is non
 (the same `model.key`: code, config and weights, even from another pipeline's wrap run) reuses
 its version. Registers of one registered model take turns (steps.tracking.registry's lock), so
 pipelines that overlap end as if they had run one after another. Run tags: `register.chosen`,
-`register.gate`, `register.model_name`, `register.version`, `register.alias`,
+`register.why`, `register.gate`, `register.model_name`, `register.version`, `register.alias`,
 `register.created`, `register.champion_before` (the version that was champion when this one
-decided, or none).
+decided, or none). The run lists the chosen model as its input, the version is listed on that
+model (as `mlflow.register_model` does), and the run's description says what was registered
+where and why.
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ def test_mlflow_run_wraps_the_latest_fetch_both_ways(
         assert run.data.tags["model.label"] == f"{runtime}-fp32"
         model = mlflow.get_logged_model(run.data.tags["model.uri"].removeprefix("models:/"))
         assert model.source_run_id == run.info.run_id
+        # Named after what it is, in a run named after its step (not `model`, `bald-robin-343`).
+        assert model.name == f"smollm2-135m-{runtime}-fp32-cpu"
+        assert run.info.run_name == f"{step} smollm2-135m fp32 cpu"
         answer = mlflow.pyfunc.load_model(run.data.tags["model.uri"]).predict(
             {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 24}
         )

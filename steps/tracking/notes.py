@@ -20,8 +20,8 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 CUT = "\n\n_(cut here: the note is longer than a tag holds; the run's artifacts have it all)_\n"
 
 
-def run_link(run_id: str, text: str | None = None) -> str:
-    return f"[{text or run_id}](#/runs/{run_id})"
+def run_link(run_id: str) -> str:
+    return f"[{run_id}](#/runs/{run_id})"
 
 
 def model_link(model: LoggedModel) -> str:
@@ -41,10 +41,6 @@ def set_note(run_id: str, markdown: str) -> None:
     if len(markdown) > MAX_TAG_VAL_LENGTH:
         markdown = markdown[: MAX_TAG_VAL_LENGTH - len(CUT)] + CUT
     MlflowClient().set_tag(run_id, MLFLOW_RUN_NOTE, markdown)
-
-
-def note_of(run_tags: dict[str, str]) -> str:
-    return run_tags.get(MLFLOW_RUN_NOTE, "")
 
 
 def link_models(run_id: str, model_ids: Iterable[str], *, made: bool = False) -> None:
