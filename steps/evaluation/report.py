@@ -160,7 +160,7 @@ def speed_fidelity_chart(
     plt = _pyplot()
     floor = 1e-6  # the reference (and a build that matches it exactly) sit at KLD 0
     figure, axis = plt.subplots(figsize=(8, 5.5))
-    for label, summary in summaries.items():
+    for index, (label, summary) in enumerate(summaries.items()):
         kld, speed = max(summary.get("kld_mean", floor), floor), summary["tokens_per_s"]
         failed = bool(selection.failures.get(label))
         chosen = label == selection.chosen
@@ -170,7 +170,10 @@ def speed_fidelity_chart(
         )  # fmt: skip
         axis.annotate(
             label + (" (chosen)" if chosen else " (fails gate)" if failed else ""),
-            (kld, speed), textcoords="offset points", xytext=(6, 6), fontsize=9,
+            # Above and below in turn: neighbouring builds (int4 and its variants) often sit
+            # on almost the same point.
+            (kld, speed), textcoords="offset points", xytext=(6, 6 if index % 2 else -14),
+            fontsize=9,
             color="0.5" if failed else "black",
         )  # fmt: skip
     axis.set_xscale("log")
