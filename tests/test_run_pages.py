@@ -6,6 +6,7 @@ tests/test_mlflow_ui.py looks at in a browser after a whole pipeline."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -126,9 +127,22 @@ def log_pipeline(overrides: list[str]) -> Pipeline:
     )
 
 
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Pipeline]:
+    """One store for the module's tests of the pipeline's pages (they only read it, but for
+    registering the same model again)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('pages') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        return uri, log_pipeline([f"tracking.uri={uri}"])
+
+
 @pytest.fixture
-def pipeline(tracking_uri) -> Pipeline:
-    return log_pipeline([f"tracking.uri={tracking_uri}"])
+def pipeline(logged, monkeypatch: pytest.MonkeyPatch) -> Pipeline:
+    uri, logged_pipeline = logged
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return logged_pipeline
 
 
 def logged_models(pipeline: Pipeline) -> dict[str, LoggedModel]:
@@ -195,6 +209,25 @@ def test_a_run_that_mlflow_run_created_is_renamed(compose, tracking_uri, monkeyp
     with step_run("evaluate", compose()) as run:
         assert run.info.run_id == created.info.run_id
     assert mlflow.get_run(run.info.run_id).info.run_name == "evaluate smollm2-135m cpu"
+
+
+def test_every_model_the_pipeline_makes_has_a_name_mlflow_takes(compose, tracking_uri) -> None:
+    experiment = MlflowClient().create_experiment("names")
+    for variant, target in itertools.product(("smollm2-135m", "phi3.5-mini"), ("cpu", "cuda")):
+        cfg = compose(f"model={variant}", f"compute={target}")
+        if target in cfg.model.prebuilt_onnx:  # the builds and the export side by side
+            cfg = compose(f"model={variant}", f"compute={target}", "wrap.onnx_source=both")
+        precisions = [(Runtime.transformers, cfg.compute.torch_dtype.precision)]
+        precisions += [(Runtime.onnx, build.name) for build in cfg.onnx_candidates]
+        if cfg.uses_prebuilt_onnx:
+            precisions.append((Runtime.onnx, cfg.prebuilt_onnx_precision))
+        for runtime, precision in precisions:
+            name = logged_model_name(variant, runtime, precision, target)
+            assert MlflowClient().create_logged_model(experiment, name=name).name == name
+    # MLflow refuses a dot there (a registered model's name may have one).
+    assert logged_model_name("phi3.5-mini", Runtime.onnx, "int4", "cpu") == (
+        "phi3_5-mini-onnx-int4-cpu"
+    )
 
 
 def _model_inputs(run: Run) -> set[str]:

@@ -87,11 +87,16 @@ def log_wrap_result(result: WrapResult, key: str | None) -> None:
     mlflow.log_metrics(result.metrics)
 
 
+# MLflow refuses these in a logged model's name, though not in a registered model's.
+NOT_IN_MODEL_NAMES = re.compile(r"""[/:.%"']""")
+
+
 def logged_model_name(variant: str, runtime: Runtime, precision: str, target: str) -> str:
     """`<variant>-<runtime>-<precision>-<compute target>` (`smollm2-135m-onnx-int8-cpu`): what a
     wrap step names the model it logs, so that the experiment's model list reads without opening
-    a model; the label and the registered name (`<variant>-<runtime>-<target>`) in one."""
-    return f"{variant}-{model_label(runtime, precision)}-{target}"
+    a model; the label and the registered name (`<variant>-<runtime>-<target>`) in one. A
+    character MLflow refuses there becomes `_` (`phi3_5-mini-onnx-int4-cpu`)."""
+    return NOT_IN_MODEL_NAMES.sub("_", f"{variant}-{model_label(runtime, precision)}-{target}")
 
 
 def model_tags(
