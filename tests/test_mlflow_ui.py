@@ -99,7 +99,7 @@ def test_evaluate_run_shows_its_models_and_its_report(ui, page, remote_pipeline)
     page.screenshot(path=screenshots() / "evaluate-run.png")
 
 
-def test_model_list_names_each_build_and_compares_their_metrics(ui, page, remote_pipeline):
+def test_model_list_names_each_build_and_compares_their_metrics(ui, page, remote_pipeline) -> None:
     experiment = remote_pipeline.cold.info.experiment_id
     # Wide enough for both metric groups: the table scrolls sideways on a narrower screen.
     page.set_viewport_size({"width": 3000, "height": 900})
