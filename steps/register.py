@@ -148,8 +148,8 @@ def find_evaluate_run(cfg: PipelineConfig, experiment_id: str) -> Run:
 
 
 def model_card(
-    cfg: PipelineConfig, result: RegisterResult, candidates: list[EvaluatedModel],
-    reference: str, evaluate_run: Run, commit: str,
+    cfg: PipelineConfig, result: RegisterResult, table: str, reference: str, evaluate_run: Run,
+    commit: str,
 ) -> str:  # fmt: skip
     source = cfg.model.source
     where = source.repo_id or source.path or source.package
@@ -177,9 +177,7 @@ def model_card(
             "",
             "## Candidates",
             "",
-            candidates_table(
-                {c.model.label: c.summary for c in candidates}, reference, result.reasons
-            ),
+            table,
         ]
     )
 
@@ -214,8 +212,8 @@ class Registered:
 
 
 def register_note(
-    cfg: PipelineConfig, result: RegisterResult, candidates: list[EvaluatedModel],
-    reference: str, evaluate_run: Run, model: LoggedModel, registered: Registered | None,
+    cfg: PipelineConfig, result: RegisterResult, table: str, evaluate_run: Run,
+    model: LoggedModel, registered: Registered | None,
 ) -> str:  # fmt: skip
     """The register run's description: what was registered where and why, the candidates, and
     links to the evaluation and the model."""
@@ -239,9 +237,7 @@ def register_note(
             f"**{chosen}** chosen by register.choose={cfg.register.choose.value}: "
             f"{result.why}. {outcome}",
             "",
-            candidates_table(
-                {c.model.label: c.summary for c in candidates}, reference, result.reasons
-            ),
+            table,
             "",
             f"- Evaluation: {run_link(evaluate_run.info.run_id)}",
             f"- Model: {model_link(model)}, logged by {run_link(model.source_run_id)}",
@@ -267,12 +263,16 @@ def main(cfg: PipelineConfig) -> RegisterResult:
                 "register.gate": result.gate[:500],
             }
         )
+        # Every candidate's row and verdict: the run's description and the model card.
+        table = candidates_table(
+            {c.model.label: c.summary for c in evaluated}, reference, result.reasons
+        )
         model = MlflowClient().get_logged_model(chosen.model.model_id)
         link_models(run_id, [model.model_id])
         if result.failures and not cfg.register.allow_challenger:
             set_note(
                 run_id,
-                register_note(cfg, result, evaluated, reference, evaluate_run, model, None),
+                register_note(cfg, result, table, evaluate_run, model, None),
             )
             raise PipelineError(
                 f"{chosen.model.label} failed the quality gate ({'; '.join(result.failures)}); "
@@ -281,7 +281,7 @@ def main(cfg: PipelineConfig) -> RegisterResult:
             )
         commit, _ = git_state()
         wrap_tags = MlflowClient().get_run(chosen.model.wrap_run_id).data.tags
-        card = model_card(cfg, result, evaluated, reference, evaluate_run, commit)
+        card = model_card(cfg, result, table, reference, evaluate_run, commit)
         tags = version_tags(cfg, chosen, evaluate_run, commit, wrap_tags)
         key = wrap_tags.get("model.key") or chosen.model.model_uri
         needs = f"EDIT permission on registered model {name!r}"
@@ -309,7 +309,7 @@ def main(cfg: PipelineConfig) -> RegisterResult:
         )
         set_note(
             run_id,
-            register_note(cfg, result, evaluated, reference, evaluate_run, model, registered),
+            register_note(cfg, result, table, evaluate_run, model, registered),
         )
         log.info(
             "registered %s version %s as %s (%s): load it with models:/%s@%s",
