@@ -55,7 +55,9 @@ def markdown(result: EvaluateResult) -> str:
         f"Reference: {result.reference}; {len(result.eval_set.items)} items of "
         f"{result.eval_set.name}; fidelity on {result.fidelity_text.name}; the last column is "
         "register's fastest_faithful verdict.\n\n"
-        + candidates_table(result.summaries, result.reference, result.selection.reasons)
+        + candidates_table(
+            result.summaries, result.reference, result.selection.reasons, result.answers
+        )
     )
 
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,24 +49,31 @@ from steps.config.compose import project_path
 from steps.config.schema import WRAP_STEPS, PipelineConfig
 from steps.errors import PipelineError
 from steps.evaluation import fidelity
-from steps.evaluation.evalset import EvalSet, answer_matches, load_eval_set
+from steps.evaluation.evalset import EvalSet, load_eval_set
 from steps.evaluation.fidelity import FidelityText, load_fidelity_text
-from steps.evaluation.measure import CandidateResult, evaluate_candidate
+from steps.evaluation.measure import (
+    CandidateResult,
+    evaluate_candidate,
+    model_folder,
+    same_answers,
+    take_shared_answers,
+)
 from steps.evaluation.report import (
+    CANDIDATE_ANSWERS,
     COMPARISON_CHART,
     MODEL_LIST_METRICS,
     SPEED_CHART,
+    candidate_rows,
     candidates_table,
     comparison_chart,
     flips,
-    genai_rows,
     parity,
     per_item_rows,
     speed_fidelity_chart,
     summarize,
     summary_markdown,
 )
-from steps.evaluation.selection import Selection, fastest_faithful
+from steps.evaluation.selection import AskPlan, Selection, fastest_faithful, plan_asking
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel, LoggedChatModel
 from steps.tracking.notes import artifact_image, link_models, model_link, run_link, set_note
@@ -81,10 +88,12 @@ class EvaluateResult:
     fidelity_text: FidelityText
     reference: str  # the label of the candidate the others are compared with
     candidates: list[LoggedChatModel]
-    results: list[CandidateResult]  # per candidate, in the same order
-    summaries: dict[str, dict[str, float]]  # label -> summary
+    results: list[CandidateResult]  # per candidate asked the evaluation set, in plan order
+    summaries: dict[str, dict[str, float]]  # label -> summary, in candidate order
     selection: Selection  # what register's fastest_faithful policy would choose
     fidelity_keys: frozenset[str]  # the summaries' keys measured on the fidelity text
+    answers: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> who answered
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds.<phase>
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -95,14 +104,17 @@ class EvaluateResult:
         }
         if len(self.results) > 1:
             metrics["parity"] = parity(self.results)
-        return metrics
+        return metrics | self.phases
 
     @property
     def evaluated(self) -> list[EvaluatedModel]:
         return [
-            EvaluatedModel(c, self.summaries[c.label], self.selection.reasons[c.label])
+            EvaluatedModel(
+                c, self.summaries[c.label], self.selection.reasons[c.label],
+                self.answers.get(c.label, ""),
+            )
             for c in self.candidates
-        ]
+        ]  # fmt: skip
 
     def item_rows(self) -> list[dict[str, Any]]:
         return per_item_rows(self.eval_set, self.results)
@@ -166,14 +178,18 @@ def reference_of(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> Logg
 
 def score_fidelity(
     cfg: PipelineConfig, text: FidelityText, reference: LoggedChatModel,
-    candidates: list[LoggedChatModel],
+    candidates: list[LoggedChatModel], folders: dict[str, Path],
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """All candidates loaded at once, so that the reference runs each window once."""
+    """All candidates loaded at once, so that the reference runs each window once; each score
+    carries its model's loading seconds."""
     with contextlib.ExitStack() as stack:
-        models = {
-            c.label: stack.enter_context(fidelity.loaded(c.runtime.value, c.model_uri))
-            for c in candidates
-        }
+        models, loading = {}, {}
+        for c in candidates:
+            started = time.perf_counter()
+            models[c.label] = stack.enter_context(
+                fidelity.loaded(c.runtime.value, folders[c.label])
+            )
+            loading[c.label] = time.perf_counter() - started
         stream = fidelity.token_stream(text, models[reference.label])
         windows = fidelity.windows(
             stream, cfg.evaluate.fidelity.window, cfg.evaluate.fidelity.scored_tokens
@@ -182,12 +198,71 @@ def score_fidelity(
             "fidelity: %d windows of %d tokens from %s (%d tokens), against %s",
             len(windows), cfg.evaluate.fidelity.window, text.name, len(stream), reference.label,
         )  # fmt: skip
-        return fidelity.score(models[reference.label], models, windows)
+        scores = fidelity.score(models[reference.label], models, windows)
+    return {label: score | {"seconds.loading": loading[label]} for label, score in scores.items()}
+
+
+def ask_candidates(
+    cfg: PipelineConfig, eval_set: EvalSet, folders: dict[str, Path], plan: AskPlan
+) -> dict[str, CandidateResult]:
+    """Ask each candidate of the plan the timed items, then the rest; of the reference's twins
+    only the one with the highest decode rate on the timed items asks the rest, and the others
+    take its answers where their timed answers were the same (else they ask them too)."""
+    evaluation = cfg.evaluate
+    timed = eval_set.items[: evaluation.timed_items]
+    untimed = eval_set.items[evaluation.timed_items :]
+
+    def ask(label: str, timed, untimed, earlier=None) -> CandidateResult:
+        return evaluate_candidate(
+            label, folders[label], timed, untimed, evaluation.max_new_tokens, evaluation.batch_size,
+            earlier,
+        )  # fmt: skip
+
+    results = {
+        label: ask(label, timed, () if label in plan.twins else untimed)
+        for label in sorted(plan.asked, key=lambda label: label not in plan.twins)
+    }
+    if plan.twins and untimed:
+        answering = max(plan.twins, key=lambda label: results[label].tokens_per_s)
+        ask(answering, (), untimed, results[answering])
+        for label in plan.twins:
+            if label == answering:
+                continue
+            if same_answers(results[label].items, results[answering].items[: len(timed)]):
+                take_shared_answers(results[label], results[answering])
+            else:
+                log.warning(
+                    "%s computes %s's distribution but answered a timed item differently: "
+                    "asking it every item", label, answering,
+                )  # fmt: skip
+                ask(label, (), untimed, results[label])
+    return {label: results[label] for label in plan.asked}
+
+
+def answered_by(
+    label: str, plan: AskPlan, results: dict[str, CandidateResult],
+    scores: dict[str, dict[str, float]], reference: str,
+) -> str:  # fmt: skip
+    """Who answered a candidate's items, for its row: all itself, partly a twin (and why they
+    may share), or nobody."""
+    if label in plan.not_asked:
+        return "not asked"
+    result = results[label]
+    if source := result.shared_from:
+        twin = scores[source if label == reference else label]
+        return (
+            f"{result.asked} asked, {len(result.items) - result.asked} shared from {source} "
+            f"(same distribution: mean KLD {twin['kld_mean']:.2g}, top-1 "
+            f"{twin['top1_agreement']:.3f})"
+        )
+    takers = [other for other, r in results.items() if r.shared_from == label]
+    return f"{result.asked} asked" + (f", shared with {', '.join(takers)}" if takers else "")
 
 
 def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResult:
-    """Ask every candidate the evaluation set, score it against the reference and summarize;
-    needs the store that holds the models, not an open run."""
+    """Score every candidate against the reference on the fidelity text, then ask the
+    evaluation set of those that can still be chosen, and summarize; needs the store that holds
+    the models, not an open run."""
     eval_set = load_eval_set(dataset_path(cfg), cfg.evaluate.max_items)
     text = load_fidelity_text(project_path(cfg.evaluate.fidelity.text))
     reference = reference_of(cfg, candidates)
@@ -196,27 +271,52 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
         ", ".join(c.label for c in candidates), eval_set.name, len(eval_set.items),
         reference.label,
     )  # fmt: skip
-    # Fidelity first: it checks the text against the tokenizer before minutes of asking.
-    scores = score_fidelity(cfg, text, reference, candidates)
-    evaluation = cfg.evaluate
-    results = [
-        evaluate_candidate(
-            c.label, c.model_uri, eval_set, evaluation.max_new_tokens, evaluation.timed_items,
-            evaluation.batch_size,
-        )
-        for c in candidates
-    ]  # fmt: skip
-    by_label = {result.label: result for result in results}
-    summaries = {
-        label: summarize(result) | flips(by_label[reference.label], result) | scores[label]
-        for label, result in by_label.items()
-    }
+    with contextlib.ExitStack() as stack:
+        # Each model's files once (a download from a server), for the fidelity pass and asking.
+        folders, copying = {}, {}
+        for c in candidates:
+            started = time.perf_counter()
+            folders[c.label] = stack.enter_context(model_folder(c.model_uri))
+            copying[c.label] = time.perf_counter() - started
+        # Fidelity first: it is cheap, it checks the text against the tokenizer before minutes
+        # of asking, and it decides who is worth asking.
+        started = time.perf_counter()
+        scores = score_fidelity(cfg, text, reference, candidates, folders)
+        fidelity_wall = time.perf_counter() - started
+        plan = plan_asking(scores, reference.label, cfg.evaluate, cfg.register)
+        for label, why in plan.not_asked.items():
+            log.info("%s: %s", label, why)
+        started = time.perf_counter()
+        results = ask_candidates(cfg, eval_set, folders, plan)
+        asking_wall = time.perf_counter() - started
+    summaries = {}
+    for c in candidates:
+        loading = copying[c.label] + scores[c.label]["seconds.loading"]
+        summaries[c.label] = scores[c.label] | {"items_asked": 0.0, "seconds.loading": loading}
+        if c.label in results:
+            asked = results[c.label]
+            summaries[c.label] = (
+                summarize(asked) | flips(results[reference.label], asked) | scores[c.label]
+                | {"seconds.loading": loading + asked.load_seconds}
+            )  # fmt: skip
     selection = fastest_faithful(summaries, reference.label, cfg.register)
     log.info("evaluation summary:\n%s", summary_markdown(summaries, selection))
     fidelity_keys = frozenset(key for score in scores.values() for key in score)
+    answers = {
+        c.label: answered_by(c.label, plan, results, scores, reference.label) for c in candidates
+    }
+    # Disjoint phases: the fidelity and asking walls without the loading they include.
+    fidelity_loading = sum(score["seconds.loading"] for score in scores.values())
+    asking_loading = sum(result.load_seconds for result in results.values())
+    phases = {
+        "seconds.loading": sum(copying.values()) + fidelity_loading + asking_loading,
+        "seconds.fidelity": fidelity_wall - fidelity_loading,
+        "seconds.asking": asking_wall - asking_loading,
+    }
     return EvaluateResult(
-        eval_set, text, reference.label, candidates, results, summaries, selection, fidelity_keys
-    )
+        eval_set, text, reference.label, candidates, list(results.values()), summaries,
+        selection, fidelity_keys, answers, phases,
+    )  # fmt: skip
 
 
 def log_datasets(eval_set: EvalSet, text: FidelityText) -> tuple[Dataset, Dataset]:
@@ -245,33 +345,32 @@ def log_datasets(eval_set: EvalSet, text: FidelityText) -> tuple[Dataset, Datase
 
 
 def log_candidate(
-    result: EvaluateResult, candidate: LoggedChatModel, measured: CandidateResult,
+    result: EvaluateResult, candidate: LoggedChatModel, measured: CandidateResult | None,
     datasets: tuple[Dataset, Dataset], name: str,
 ) -> None:  # fmt: skip
     """The candidate's headline metrics on its own LoggedModel, each with the dataset it was
     measured on (so MLflow's model list compares the builds side by side, grouped by dataset),
-    and its per-item verdicts through MLflow's own evaluation (the UI's evaluation view); one
-    nested run per model keeps the unprefixed metrics apart."""
-    # The default 10 workers overflow SQLite's connection pool and drop trace links.
-    os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
+    and its answers as one table, `eval/answers.json` (the experiment's Evaluation view puts
+    the candidates' tables side by side); one nested run per model keeps the unprefixed metrics
+    apart. One table upload instead of a trace per item: the per-item logging of
+    `mlflow.genai.evaluate` cost more than the asking against a remote server."""
     questions, documents = datasets
     summary = result.summaries[candidate.label]
     # Nested runs go to the process's current experiment unless told (the evaluate run's own
     # experiment may be another: tracking.experiment).
     parent = mlflow.active_run().info.experiment_id
     with mlflow.start_run(run_name=name, nested=True, experiment_id=parent) as child:
-        mlflow.set_tags({"pipeline.step": "evaluate.genai", "model.label": candidate.label})
+        mlflow.set_tags({"pipeline.step": "evaluate.candidate", "model.label": candidate.label})
         link_models(child.info.run_id, [candidate.model_id])
         shown = {key: summary[key] for key in MODEL_LIST_METRICS if key in summary}
         on_text = {k: v for k, v in shown.items() if k in result.fidelity_keys}
         on_questions = {k: v for k, v in shown.items() if k not in on_text}
-        mlflow.log_metrics(on_questions, model_id=candidate.model_id, dataset=questions)
+        if on_questions:
+            mlflow.log_metrics(on_questions, model_id=candidate.model_id, dataset=questions)
         mlflow.log_metrics(on_text, model_id=candidate.model_id, dataset=documents)
-        mlflow.genai.evaluate(
-            data=genai_rows(result.eval_set, measured),
-            scorers=[answer_matches],
-            model_id=candidate.model_id,
-        )
+        if measured is not None:
+            rows = candidate_rows(result.eval_set, measured)
+            mlflow.log_table(pd.DataFrame(rows), CANDIDATE_ANSWERS)
 
 
 def log_charts(result: EvaluateResult) -> None:
@@ -296,11 +395,14 @@ def evaluation_note(
         f"## {cfg.model.display_name} on {cfg.compute.name}: {chosen}",
         "",
         f"**{chosen}** is what register's fastest_faithful policy chooses: "
-        f"{result.selection.reasons[chosen].removeprefix('chosen: ')}. Each candidate answered "
-        f"`{result.eval_set.name}` ({len(result.eval_set.items)} questions) and was scored "
-        f"token by token against the reference **{result.reference}** on `{text.name}`.",
+        f"{result.selection.reasons[chosen].removeprefix('chosen: ')}. Each candidate was scored "
+        f"token by token against the reference **{result.reference}** on `{text.name}`; "
+        f"those that can still be chosen then answered `{result.eval_set.name}` "
+        f"({len(result.eval_set.items)} questions; the answers column says who answered).",
         "",
-        candidates_table(result.summaries, result.reference, result.selection.reasons),
+        candidates_table(
+            result.summaries, result.reference, result.selection.reasons, result.answers
+        ),
         "",
         artifact_image(run_id, SPEED_CHART, "decode rate against fidelity"),
         "",
@@ -336,15 +438,32 @@ def log_result(cfg: PipelineConfig, result: EvaluateResult, run_id: str) -> None
     client = MlflowClient()
     models = {c.label: client.get_logged_model(c.model_id) for c in result.candidates}
     link_models(run_id, [m.model_id for m in models.values()])
-    for candidate, measured in zip(result.candidates, result.results, strict=True):
+    measured = {r.label: r for r in result.results}
+    logging_seconds = {}
+    for candidate in result.candidates:
+        started = time.perf_counter()
         log_candidate(
-            result, candidate, measured, datasets, run_name("evaluate", cfg, candidate.label)
-        )
+            result, candidate, measured.get(candidate.label), datasets,
+            run_name("evaluate", cfg, candidate.label),
+        )  # fmt: skip
+        logging_seconds[f"{candidate.label}.seconds.logging"] = time.perf_counter() - started
     set_note(run_id, evaluation_note(cfg, result, models, run_id))
+    mlflow.log_metrics(logging_seconds)
 
 
 def main(cfg: PipelineConfig) -> EvaluateResult:
     with step_run("evaluate", cfg) as active:
+        started = time.perf_counter()
         result = run(cfg, find_candidates(cfg, active.info.experiment_id))
+        measured = time.perf_counter()
         log_result(cfg, result, active.info.run_id)
+        finished = time.perf_counter()
+        mlflow.log_metrics(
+            {"seconds.logging": finished - measured, "seconds.total": finished - started}
+        )
+        log.info(
+            "evaluate took %.1f s: %s, logging %.1f s", finished - started,
+            ", ".join(f"{k.removeprefix('seconds.')} {v:.1f} s" for k, v in result.phases.items()),
+            finished - measured,
+        )  # fmt: skip
         return result

@@ -30,7 +30,7 @@ import logging
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlflow
 import mlflow.projects
@@ -55,7 +55,7 @@ from steps.config.schema import (
 from steps.errors import PipelineError
 from steps.evaluation.evalset import load_eval_set
 from steps.evaluation.fidelity import check_fills_a_window, load_fidelity_text
-from steps.evaluation.report import SPEED_CHART, candidates_table
+from steps.evaluation.report import EVALUATE_PHASES, SPEED_CHART, candidates_table
 from steps.tracking.models import EvaluatedModel, logged_model_id
 from steps.tracking.notes import artifact_image, link_models, run_link, set_note, version_link
 from steps.tracking.provenance import PROJECT_ROOT, git_diff_sha256, git_state
@@ -220,6 +220,9 @@ def wait_for_child(step: str, submitted: SubmittedRun, parent_id: str) -> str:
 class MainResult:
     run_ids: dict[str, str]  # step -> the run it ran or reused (fetch_onnx: the export's fetch)
     reused: list[str]  # the steps whose earlier runs were reused
+    # step -> wall seconds from its submission to its end, process start included (steps that
+    # ran together share their start)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
@@ -271,7 +274,9 @@ def run(
     # Children get the user's overrides (minus main's own) and model/compute as params.
     forwarded = [o for o in forwarded if not o.lstrip("+~").startswith("main.")]
     base = child_base_config(cfg)
+    seconds: dict[str, float] = {}
     for batch in step_batches(pipeline_steps(cfg), parallel):
+        batch_started = time.monotonic()
         submitted: dict[str, SubmittedRun] = {}
         for step in batch:
             settings = upstream_settings(step, upstream)
@@ -291,6 +296,7 @@ def run(
         for name, child in submitted.items():
             try:
                 upstream[name] = wait_for_child(name, child, parent_id)
+                seconds[name] = time.monotonic() - batch_started
             except PipelineError as error:
                 failures.append(str(error))
         if failures:
@@ -306,7 +312,7 @@ def run(
         MlflowClient().log_batch(
             parent_id, tags=[RunTag(tag, value) for tag, value in lineage.items()]
         )
-    return MainResult(upstream, reused_steps)
+    return MainResult(upstream, reused_steps, seconds)
 
 
 def main(cfg: PipelineConfig, forwarded: list[str]) -> MainResult:
@@ -355,6 +361,7 @@ def pipeline_note(
                 {e.model.label: e.summary for e in evaluated},
                 reference,
                 {e.model.label: e.verdict for e in evaluated},
+                {e.model.label: e.answers for e in evaluated},
             ),
             "",
             artifact_image(upstream["evaluate"], SPEED_CHART, "decode rate against fidelity"),
@@ -390,6 +397,7 @@ def summarize(cfg: PipelineConfig, result: MainResult, parent_id: str) -> None:
         else f"  mlflow ui --backend-store-uri {uri}",
     ]
     evaluated, reference = [], ""
+    phases = {}
     if "evaluate" in upstream:
         evaluate_run = client.get_run(upstream["evaluate"])
         metrics = evaluate_run.data.metrics
@@ -399,6 +407,11 @@ def summarize(cfg: PipelineConfig, result: MainResult, parent_id: str) -> None:
             if k.endswith((".accuracy", ".kld_mean", ".tokens_per_s"))
         }
         lines.append(f"  evaluation ({upstream['evaluate']}): {headline}")
+        phases = {
+            phase: metrics[f"seconds.{phase}"]
+            for phase in EVALUATE_PHASES
+            if f"seconds.{phase}" in metrics
+        }
         evaluated = [
             EvaluatedModel.from_dict(entry)
             for entry in mlflow.artifacts.load_dict(
@@ -416,6 +429,23 @@ def summarize(cfg: PipelineConfig, result: MainResult, parent_id: str) -> None:
         )
         tags["main.registered"] = f"{name} v{version} @{alias}"
         lines.append(f"  registered: models:/{name}@{alias} (version {version})")
+    lines.append("  " + step_times(result, phases))
     mlflow.set_tags(tags)
+    mlflow.log_metrics({f"seconds.{step}": seconds for step, seconds in result.seconds.items()})
     set_note(parent_id, pipeline_note(cfg, result, evaluated, reference, register_tags))
     log.info("\n".join(lines))
+
+
+def step_times(result: MainResult, evaluate_phases: dict[str, float]) -> str:
+    """Each step's seconds, `reused` for a reused one; evaluate's split into its phases."""
+    parts = []
+    for step in result.run_ids:
+        if step in result.reused:
+            parts.append(f"{step} reused")
+            continue
+        part = f"{step} {result.seconds.get(step, float('nan')):.1f} s"
+        if step == "evaluate" and evaluate_phases:
+            inner = ", ".join(f"{phase} {value:.1f}" for phase, value in evaluate_phases.items())
+            part += f" ({inner})"
+        parts.append(part)
+    return "steps: " + ", ".join(parts)

@@ -39,7 +39,7 @@ from steps.config.compose import config_digest
 from steps.config.schema import Choice, PipelineConfig, RegisterConfig
 from steps.errors import PipelineError
 from steps.evaluation.report import candidates_table
-from steps.evaluation.selection import fastest_faithful, gate_failures
+from steps.evaluation.selection import fastest_faithful, gate_failures, was_asked
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel
 from steps.tracking.notes import link_models, model_link, run_link, set_note, version_link
@@ -88,10 +88,18 @@ def choose(
             )
         selection = fastest_faithful({k: c.summary for k, c in by_label.items()}, reference, gate)
         return by_label[selection.chosen], selection.reasons
-    pool = [c for c in candidates if how is Choice.best or c.model.runtime is how.runtime]
-    if not pool:
+    of_runtime = [c for c in candidates if how is Choice.best or c.model.runtime is how.runtime]
+    if not of_runtime:
         runtimes = sorted({c.model.runtime.value for c in candidates})
         raise PipelineError(f"register.choose={how.value}: no such candidate (have {runtimes})")
+    # A candidate that failed fidelity and was not asked has no accuracy to rank it by.
+    pool = [c for c in of_runtime if was_asked(c.summary)]
+    if not pool:
+        raise PipelineError(
+            f"register.choose={how.value}: every such candidate failed fidelity and was not "
+            f"asked ({', '.join(c.model.label for c in of_runtime)}): evaluate again with "
+            "evaluate.ask=all, or choose fastest_faithful"
+        )
     chosen = max(pool, key=lambda c: (c.summary["accuracy"], c.summary["tokens_per_s"]))
     reasons = {
         label: f"chosen: register.choose={how.value}"
@@ -265,8 +273,9 @@ def main(cfg: PipelineConfig) -> RegisterResult:
         )
         # Every candidate's row and verdict: the run's description and the model card.
         table = candidates_table(
-            {c.model.label: c.summary for c in evaluated}, reference, result.reasons
-        )
+            {c.model.label: c.summary for c in evaluated}, reference, result.reasons,
+            {c.model.label: c.answers for c in evaluated},
+        )  # fmt: skip
         model = MlflowClient().get_logged_model(chosen.model.model_id)
         link_models(run_id, [model.model_id])
         if result.failures and not cfg.register.allow_challenger:

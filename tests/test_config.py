@@ -115,6 +115,13 @@ def test_prebuilt_onnx_export_is_chosen_per_compute_target() -> None:
         (["register.max_ppl_ratio=0.9"], "register.max_ppl_ratio=0.9 must be >= 1"),
         (["register.accuracy_alpha=1"], "register.accuracy_alpha=1.0 must be in (0, 1)"),
         (["evaluate.fidelity.window=511"], "evaluate.fidelity.window=511 must be an even number"),
+        (
+            ["evaluate.fidelity.scored_tokens=100"],
+            "evaluate.fidelity.scored_tokens=100 is less than one window scores (255 tokens at "
+            "window=512): use at least 255, a smaller evaluate.fidelity.window, or null",
+        ),
+        (["evaluate.ask=some"], "evaluate.ask: Invalid value 'some', expected one of [contenders"),
+        (["evaluate.share_answers_below_kld=0"], "must be positive, or null for every candidate"),
         (["register.choose=fastest"], "register.choose: Invalid value 'fastest'"),
     ],
 )

@@ -14,7 +14,7 @@ from steps.config.compose import compose_config
 from steps.config.schema import Choice, Runtime
 from steps.errors import PipelineError
 from steps.evaluate import dataset_path
-from steps.evaluation.evalset import answer_matches, is_correct, load_eval_set
+from steps.evaluation.evalset import is_correct, load_eval_set
 from steps.evaluation.measure import CandidateResult, ItemResult
 from steps.evaluation.report import parity, summarize
 from steps.register import choose, gate_failures, pick_alias
@@ -40,10 +40,9 @@ def test_shipped_set_is_versioned_mixed_and_large_enough_to_show_a_difference(ev
 
 def test_scorer_accepts_each_reference_and_rejects_wrong_replies(eval_set) -> None:
     for item in eval_set.items:
-        expectations = {"accept": list(item.accept)}
-        assert answer_matches(outputs=item.reference, expectations=expectations), item.id
+        assert is_correct(item.reference, item.accept), item.id
         for wrong in WRONG_REPLIES:
-            assert not answer_matches(outputs=wrong, expectations=expectations), (item.id, wrong)
+            assert not is_correct(wrong, item.accept), (item.id, wrong)
 
 
 def test_answer_checks_on_known_model_replies() -> None:
@@ -65,7 +64,7 @@ def test_a_broken_eval_line_is_reported_by_line_number(tmp_path: Path) -> None:
 def _candidate(
     label: str, answers: list[str], correct: list[bool], latency: float
 ) -> CandidateResult:
-    result = CandidateResult(label, f"models:/m-{label}", load_seconds=1.0, peak_rss_mb=100.0)
+    result = CandidateResult(label, load_seconds=1.0, peak_rss_mb=100.0)
     result.items = [
         ItemResult(f"i{n}", answer, ok, latency, None, 10, 5)
         for n, (answer, ok) in enumerate(zip(answers, correct, strict=True))

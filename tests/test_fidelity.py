@@ -13,7 +13,7 @@ import pytest
 from steps.config.compose import compose_config, project_path
 from steps.errors import PipelineError
 from steps.evaluation.fidelity import Agreement, load_fidelity_text, windows
-from steps.evaluation.selection import fastest_faithful
+from steps.evaluation.selection import fastest_faithful, plan_asking
 from steps.evaluation.stats import mcnemar_exact_p, wilson_interval
 from steps.main import preflight
 
@@ -159,3 +159,50 @@ def test_main_refuses_a_short_text_and_builds_outside_the_sweep_before_any_step(
     with pytest.raises(PipelineError, match=r"put the build in compute\.onnx_candidates"):
         preflight(compose_config(["+wrap.onnx_builder_options.block_size=64"]))
     preflight(compose_config([]))  # the shipped files pass
+
+
+def _scores(kld: float, top1: float, ppl_ratio: float) -> dict[str, float]:
+    return {"kld_mean": kld, "top1_agreement": top1, "ppl_ratio": ppl_ratio}
+
+
+# The sweep on the bundled model as fidelity sees it: fp32 ONNX computes the reference's
+# distribution, int8 passes the fidelity gate, both int4 builds fail it.
+SWEEP = {
+    "transformers-fp32": _scores(0.0, 1.0, 1.0),
+    "onnx-fp32": _scores(4.5e-8, 1.0, 1.0),
+    "onnx-int8": _scores(0.0043, 0.963, 1.004),
+    "onnx-int4": _scores(0.34, 0.677, 1.3),
+    "onnx-int4-k_quant_last": _scores(0.26, 0.74, 1.2),
+}
+
+
+def test_only_candidates_that_can_still_win_are_asked_and_twins_share_answers() -> None:
+    cfg = compose_config([])
+    plan = plan_asking(SWEEP, "transformers-fp32", cfg.evaluate, cfg.register)
+    assert plan.asked == ["transformers-fp32", "onnx-fp32", "onnx-int8"]
+    assert plan.twins == ["transformers-fp32", "onnx-fp32"]
+    assert set(plan.not_asked) == {"onnx-int4", "onnx-int4-k_quant_last"}
+    assert plan.not_asked["onnx-int4"] == (
+        "not asked: failed fidelity (mean KLD 0.3400 > max_kld_mean 0.05; top-1 agreement "
+        "0.677 < min_top1_agreement 0.9; perplexity ratio 1.300 > max_ppl_ratio 1.05)"
+    )
+    study = compose_config(["evaluate.ask=all", "evaluate.share_answers_below_kld=null"])
+    everyone = plan_asking(SWEEP, "transformers-fp32", study.evaluate, study.register)
+    assert everyone.asked == list(SWEEP)
+    assert everyone.twins == [] and everyone.not_asked == {}
+    # Top-1 agreement short of 1.0 is a different distribution, however small the KLD.
+    close = SWEEP | {"onnx-fp32": _scores(4.5e-8, 0.999, 1.0)}
+    assert plan_asking(close, "transformers-fp32", cfg.evaluate, cfg.register).twins == []
+
+
+def test_a_candidate_not_asked_fails_the_gate_and_says_why() -> None:
+    gate = compose_config([]).register
+    summaries = {
+        "transformers-fp32": _summary(0.0, 1.0, 1.0, 15.0),
+        "onnx-int8": _summary(0.004, 0.97, 1.005, 110.0),
+        "onnx-int4": {"kld_mean": 0.34, "top1_agreement": 0.677, "ppl_ratio": 1.3},
+    }
+    selection = fastest_faithful(summaries, "transformers-fp32", gate)
+    assert selection.chosen == "onnx-int8"
+    assert selection.failures["onnx-int4"]
+    assert selection.reasons["onnx-int4"].startswith("not asked: failed fidelity (mean KLD 0.3400")

@@ -281,16 +281,35 @@ class FidelityConfig:
     text: str = MISSING
     # Tokens per window; each window scores its second half, after at least window/2 of context.
     window: int = 512
-    # Stop after this many scored tokens; null: the whole text.
-    scored_tokens: int | None = 4096
+    # Stop after this many scored tokens (whole windows: rounded up); null: the whole text.
+    scored_tokens: int | None = 1530
+
+    @property
+    def scored_per_window(self) -> int:
+        """The positions of a window that are scored: its second half, less the last token
+        (which has no next token to predict)."""
+        return self.window - 1 - self.window // 2
 
     def validate(self) -> None:
         if self.window < 4 or self.window % 2:
             raise ValueError(f"evaluate.fidelity.window={self.window} must be an even number >= 4")
-        if self.scored_tokens is not None and self.scored_tokens <= 0:
+        if self.scored_tokens is not None and self.scored_tokens < self.scored_per_window:
             raise ValueError(
-                f"evaluate.fidelity.scored_tokens={self.scored_tokens} must be positive or null"
+                f"evaluate.fidelity.scored_tokens={self.scored_tokens} is less than one window "
+                f"scores ({self.scored_per_window} tokens at window={self.window}): use at "
+                f"least {self.scored_per_window}, a smaller evaluate.fidelity.window, or null "
+                "for the whole text"
             )
+
+
+class Asking(StrEnum):
+    """evaluate.ask: which candidates answer the evaluation set after the fidelity scoring.
+    `contenders`: the reference and every candidate that passes register's fidelity gate
+    (a candidate that fails it cannot be chosen, so asking it proves nothing); `all`: every
+    candidate, for a study of what the failing builds answer."""
+
+    contenders = "contenders"
+    all = "all"
 
 
 @dataclass
@@ -304,8 +323,13 @@ class EvaluateConfig:
     reference: str | None = None
     # The first N items are asked one at a time (latency, time to first token and decode rate
     # come from them); the rest `batch_size` at a time, in one predict call each.
-    timed_items: int = 24
+    timed_items: int = 12
     batch_size: int = 8
+    ask: Asking = Asking.contenders
+    # A candidate whose distributions match the reference's this closely (mean KLD below it,
+    # top-1 agreement 1.0) gives the same greedy answers: one of the two answers the items past
+    # the timed ones for both, once their timed answers agree. null: each asks every item.
+    share_answers_below_kld: float | None = 1e-5
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def validate(self) -> None:
@@ -314,6 +338,11 @@ class EvaluateConfig:
         for name in ("max_new_tokens", "timed_items", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"evaluate.{name}={getattr(self, name)} must be positive")
+        if self.share_answers_below_kld is not None and not self.share_answers_below_kld > 0:
+            raise ValueError(
+                f"evaluate.share_answers_below_kld={self.share_answers_below_kld} must be "
+                "positive, or null for every candidate to ask every item"
+            )
         self.fidelity.validate()
 
 

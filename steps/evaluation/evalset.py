@@ -1,5 +1,5 @@
 """The versioned evaluation set: JSONL items with accepted answer patterns, and the check
-that scores a reply against them (also as an MLflow scorer)."""
+that scores a reply against them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from mlflow.genai.scorers import scorer
 
 from steps.errors import PipelineError
 
@@ -73,9 +70,3 @@ def load_eval_set(path: Path, max_items: int | None = None) -> EvalSet:
 def is_correct(reply: str, accept: tuple[str, ...]) -> bool:
     """A reply is right when it matches any accepted pattern (case-insensitive)."""
     return any(re.search(pattern, reply, re.IGNORECASE) for pattern in accept)
-
-
-@scorer
-def answer_matches(outputs: Any, expectations: dict[str, Any]) -> bool:
-    """MLflow scorer: the model's own reply matches one of the item's accepted patterns."""
-    return is_correct(str(outputs), tuple(expectations["accept"]))

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -148,6 +148,31 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def check_same_vocabulary(name: str, shape: tuple[int, ...], reference: tuple[int, ...]) -> None:
+    if shape != reference:
+        raise PipelineError(
+            f"{name}'s logits have shape {shape}, the reference's {reference}: they do not "
+            "share a vocabulary, so they cannot be compared"
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceWindow:
+    """What every candidate is compared with on one window, computed once per window."""
+
+    log_probs: np.ndarray  # [n, vocab]
+    probs: np.ndarray
+    top1: np.ndarray  # [n]
+    targets: np.ndarray  # the n actual next tokens
+    nll: np.ndarray  # the reference's negative log-likelihood of each
+
+    @classmethod
+    def of(cls, logits: np.ndarray, targets: np.ndarray) -> ReferenceWindow:
+        log_probs = log_softmax(logits)
+        nll = -log_probs[np.arange(len(targets)), targets]
+        return cls(log_probs, np.exp(log_probs), log_probs.argmax(axis=-1), targets, nll)
+
+
 @dataclass
 class Agreement:
     """Per-position measures of one candidate against the reference, accumulated window by
@@ -162,20 +187,18 @@ class Agreement:
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> None:
         """reference, candidate: logits [n, vocab]; targets: the n actual next tokens."""
-        if reference.shape != candidate.shape:
-            raise PipelineError(
-                f"the candidate's logits have shape {candidate.shape}, the reference's "
-                f"{reference.shape}: they do not share a vocabulary, so they cannot be compared"
-            )
-        ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
-        kld = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=-1)
+        check_same_vocabulary("the candidate", candidate.shape, reference.shape)
+        self.add_window(ReferenceWindow.of(reference, targets), log_softmax(candidate))
+
+    def add_window(self, reference: ReferenceWindow, log_probs: np.ndarray) -> None:
+        """The candidate's log-probabilities [n, vocab] on a window the reference scored."""
+        kld = (reference.probs * (reference.log_probs - log_probs)).sum(axis=-1)
         self.kld.append(np.maximum(kld, 0.0))  # rounding can give -1e-9 for equal rows
-        self.same_top1.append(ref_lp.argmax(axis=-1) == cand_lp.argmax(axis=-1))
-        rows = np.arange(len(targets))
-        ref_nll, nll = -ref_lp[rows, targets], -cand_lp[rows, targets]
-        self.reference_nll.append(ref_nll)
+        self.same_top1.append(reference.top1 == log_probs.argmax(axis=-1))
+        nll = -log_probs[np.arange(len(reference.targets)), reference.targets]
+        self.reference_nll.append(reference.nll)
         self.nll.append(nll)
-        self.delta_p.append(np.exp(-nll) - np.exp(-ref_nll))
+        self.delta_p.append(np.exp(-nll) - np.exp(-reference.nll))
 
     def summary(self) -> dict[str, float]:
         kld = np.concatenate(self.kld).astype(np.float64)
@@ -197,7 +220,7 @@ class Agreement:
             "ppl_ratio": ppl / ref_ppl,
             "delta_p_rms": float(np.sqrt((delta_p**2).mean())),
             "scored_tokens": float(len(kld)),
-            "fidelity_seconds": self.seconds,
+            "seconds.fidelity": self.seconds,
         }
 
 
@@ -211,14 +234,18 @@ def score(
     agreements = {label: Agreement() for label in candidates}
     for ids in tqdm(stream_windows, desc="fidelity", unit="window"):
         first = len(ids) // 2
-        targets = ids[first + 1 :]
         started = time.perf_counter()
-        reference_logits = reference.logits(ids, first)
+        window = ReferenceWindow.of(reference.logits(ids, first), ids[first + 1 :])
         reference_seconds = time.perf_counter() - started
         for label, model in candidates.items():
             started = time.perf_counter()
-            logits = reference_logits if model is reference else model.logits(ids, first)
-            agreements[label].add(reference_logits, logits, targets)
+            if model is reference:
+                log_probs = window.log_probs
+            else:
+                logits = model.logits(ids, first)
+                check_same_vocabulary(label, logits.shape, window.log_probs.shape)
+                log_probs = log_softmax(logits)
+            agreements[label].add_window(window, log_probs)
             # The reference's own time is the forward pass it shares with everyone.
             agreements[label].seconds += (
                 time.perf_counter() - started + (reference_seconds if model is reference else 0.0)
@@ -283,26 +310,14 @@ def _encode(tokenizer, document: Document) -> list[int]:
 
 
 @contextmanager
-def loaded(runtime: str, model_uri: str) -> Iterator[LogitModel]:
-    """A logged chat model's weights, loaded from its artifacts for scoring. A model in a local
-    store is read in place; any other is downloaded into a temp folder of ours, removed after
-    (MLflow's own loaders leave copies behind in the temp folder)."""
-    import tempfile
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
+def loaded(runtime: str, folder: Path) -> Iterator[LogitModel]:
+    """A logged chat model's weights, loaded for scoring from its folder
+    (steps.evaluation.measure.model_folder)."""
     import mlflow
 
-    location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
-    with ExitStack() as stack:
-        if urlparse(location).scheme in ("", "file"):
-            local = Path(url2pathname(urlparse(location).path))
-        else:
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="fidelity-"))
-            local = Path(mlflow.artifacts.download_artifacts(location, dst_path=scratch))
-        if runtime == "transformers":
-            parts = mlflow.transformers.load_model(str(local), return_type="components")
-            yield TransformersLogits(parts["model"], parts["tokenizer"])
-        else:
-            flavor = mlflow.models.Model.load(local).flavors["python_function"]
-            yield OnnxLogits(local / flavor["artifacts"]["onnx_model"]["path"])
+    if runtime == "transformers":
+        parts = mlflow.transformers.load_model(str(folder), return_type="components")
+        yield TransformersLogits(parts["model"], parts["tokenizer"])
+    else:
+        flavor = mlflow.models.Model.load(folder).flavors["python_function"]
+        yield OnnxLogits(folder / flavor["artifacts"]["onnx_model"]["path"])

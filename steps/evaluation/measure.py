@@ -4,25 +4,30 @@ Each item is asked through the model's pyfunc interface and checked against the 
 answer patterns. The first `timed_items` are asked one at a time, streamed where the model
 streams (for time to first token): speed comes from them alone. The rest are asked
 `batch_size` at a time in one predict call, which both runtimes generate together, so that the
-accuracy of many items costs less time. Loading needs the tracking store that holds the model;
+accuracy of many items costs less time. A candidate that computes another's distribution (its
+fidelity says so) may take that one's answers to the untimed items (take_shared_answers).
+Loading needs the tracking store that holds the model;
 nothing here needs an open MLflow run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import psutil
 from tqdm.auto import tqdm
 
-from steps.evaluation.evalset import EvalItem, EvalSet, is_correct
+from steps.evaluation.evalset import EvalItem, is_correct
 
 
 @dataclass
@@ -36,15 +41,42 @@ class ItemResult:
     completion_tokens: int = 0
     error: str | None = None
     timed: bool = True  # asked alone: its latency and decode rate count in the speed figures
+    shared_from: str | None = None  # the candidate that generated this answer, if not this one
 
 
 @dataclass
 class CandidateResult:
     label: str
-    model_uri: str
     load_seconds: float
     peak_rss_mb: float
     items: list[ItemResult] = field(default_factory=list)
+    ask_seconds: float = 0.0  # generating its answers, loading excluded
+
+    @property
+    def asked(self) -> int:
+        """Items this candidate generated an answer for itself."""
+        return sum(item.shared_from is None for item in self.items)
+
+    @property
+    def shared_from(self) -> str | None:
+        return next((i.shared_from for i in self.items if i.shared_from is not None), None)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate over the items asked alone: completion tokens over the time after the
+        first token (NaN: none)."""
+        timed = [r for r in self.items if r.timed and r.error is None]
+        completion = sum(r.completion_tokens for r in timed)
+        generating = sum(r.latency_s - (r.ttft_s or 0.0) for r in timed)
+        return completion / generating if generating > 0 else float("nan")
+
+
+def same_answers(mine: list[ItemResult], theirs: list[ItemResult]) -> bool:
+    """Whether two candidates answered the same items with the same text (errors never match)."""
+    return len(mine) == len(theirs) and all(
+        a.item_id == b.item_id and a.error is None and b.error is None and a.answer == b.answer
+        for a, b in zip(mine, theirs, strict=True)
+    )
 
 
 def chat_request(item: EvalItem, max_new_tokens: int) -> dict[str, Any]:
@@ -133,37 +165,53 @@ def peak_rss() -> Iterator[list[float]]:
         sampler.join()
 
 
-def stored_locally(model_uri: str) -> bool:
-    """Whether a `models:/m-<id>` model's files already lie on this machine. MLflow reads those
-    in place; any other store it copies into a temp folder it never removes (gigabytes per run
-    for Phi-3), unless the copy is given a folder of ours."""
+@contextmanager
+def model_folder(model_uri: str) -> Iterator[Path]:
+    """A logged model's files on this machine, for as long as the block runs: a model in a local
+    store is read in place; any other is downloaded once into a temp folder of ours, removed
+    after (MLflow's own loaders would copy it again for each load into a temp folder they never
+    remove: gigabytes per run for Phi-3)."""
     import mlflow
 
-    if not model_uri.startswith("models:/m-"):
-        return False
     location = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
-    return urlparse(location).scheme in ("", "file")
+    if urlparse(location).scheme in ("", "file"):
+        yield Path(url2pathname(urlparse(location).path))
+        return
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
+        yield Path(mlflow.artifacts.download_artifacts(location, dst_path=scratch))
+
+
+def take_shared_answers(candidate: CandidateResult, source: CandidateResult) -> None:
+    """Give `candidate` the answers `source` has past the items `candidate` answered itself."""
+    candidate.items += [
+        dataclasses.replace(item, timed=False, shared_from=source.label)
+        for item in source.items[len(candidate.items) :]
+    ]
 
 
 def evaluate_candidate(
     label: str,
-    uri: str,
-    eval_set: EvalSet,
+    folder: Path,
+    timed: tuple[EvalItem, ...],
+    untimed: tuple[EvalItem, ...],
     max_new_tokens: int,
-    timed_items: int,
     batch_size: int,
+    earlier: CandidateResult | None = None,
 ) -> CandidateResult:
+    """Load the model from its folder (model_folder), ask it the `timed` items one at a time
+    (streamed where it streams) and the `untimed` ones `batch_size` at a time; continue
+    `earlier` (the same candidate's earlier part) if given."""
     import mlflow
 
-    with peak_rss() as peak, tempfile.TemporaryDirectory(prefix=f"evaluate-{label}-") as copy:
+    candidate = earlier or CandidateResult(label, 0.0, 0.0)
+    with peak_rss() as peak:
         started = time.perf_counter()
-        model = mlflow.pyfunc.load_model(uri, dst_path=None if stored_locally(uri) else copy)
-        load_seconds = time.perf_counter() - started
+        model = mlflow.pyfunc.load_model(str(folder))
+        candidate.load_seconds += time.perf_counter() - started
         flavor = model.metadata.flavors.get("python_function", {})
         streamable = bool(flavor.get("streamable"))
-        candidate = CandidateResult(label, uri, load_seconds, 0.0)
-        timed, untimed = eval_set.items[:timed_items], eval_set.items[timed_items:]
-        with tqdm(total=len(eval_set.items), desc=f"evaluating {label}", unit="item") as bar:
+        started = time.perf_counter()
+        with tqdm(total=len(timed) + len(untimed), desc=f"evaluating {label}", unit="item") as bar:
             for item in timed:
                 candidate.items.append(ask(model, item, max_new_tokens, streamable))
                 bar.update()
@@ -171,6 +219,7 @@ def evaluate_candidate(
                 batch = untimed[start : start + batch_size]
                 candidate.items.extend(ask_batch(model, batch, max_new_tokens))
                 bar.update(len(batch))
+        candidate.ask_seconds += time.perf_counter() - started
         del model
-    candidate.peak_rss_mb = peak[0]
+    candidate.peak_rss_mb = max(candidate.peak_rss_mb, peak[0])
     return candidate

@@ -29,8 +29,6 @@ def summarize(candidate: CandidateResult) -> dict[str, float]:
     timed = [r for r in answered if r.timed]
     latencies = [r.latency_s for r in timed]
     ttfts = [r.ttft_s for r in timed if r.ttft_s is not None]
-    completion = sum(r.completion_tokens for r in timed)
-    generating = sum(r.latency_s - (r.ttft_s or 0.0) for r in timed)
     correct = sum(r.correct for r in candidate.items)
     low, high = wilson_interval(correct, len(candidate.items))
     summary = {
@@ -44,8 +42,10 @@ def summarize(candidate: CandidateResult) -> dict[str, float]:
         "latency_p95_s": _percentile(latencies, 0.95),
         "prompt_tokens": float(sum(r.prompt_tokens for r in answered)),
         "completion_tokens": float(sum(r.completion_tokens for r in answered)),
-        "tokens_per_s": completion / generating if generating > 0 else float("nan"),
-        "load_seconds": candidate.load_seconds,
+        "tokens_per_s": candidate.tokens_per_s,
+        "items_asked": float(candidate.asked),
+        "items_shared": float(len(candidate.items) - candidate.asked),
+        "seconds.asking": candidate.ask_seconds,
         "peak_rss_mb": candidate.peak_rss_mb,
     }
     if ttfts:
@@ -127,23 +127,22 @@ def comparison_chart(summaries: dict[str, dict[str, float]], path: Path) -> None
     labels = list(summaries)
     figure, axes = plt.subplots(2, 3, figsize=(13, 7))
     for axis, (key, title) in zip(axes.flat, panels, strict=True):
-        values = [summaries[label].get(key, float("nan")) for label in labels]
+        # A candidate not asked the evaluation set has no accuracy or speed: an empty bar says so.
+        measured = [key in summaries[label] for label in labels]
+        values = [summaries[label].get(key, 0.0) for label in labels]
         errors = None
         if key == "accuracy":
+            low = [summaries[label].get("accuracy_ci_low", 0.0) for label in labels]
+            high = [summaries[label].get("accuracy_ci_high", 0.0) for label in labels]
             errors = [
-                [
-                    summaries[label]["accuracy"] - summaries[label]["accuracy_ci_low"]
-                    for label in labels
-                ],
-                [
-                    summaries[label]["accuracy_ci_high"] - summaries[label]["accuracy"]
-                    for label in labels
-                ],
+                [value - bound for value, bound in zip(values, low, strict=True)],
+                [bound - value for value, bound in zip(values, high, strict=True)],
             ]
         bars = axis.bar(
             labels, values, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(labels))]
         )
-        axis.bar_label(bars, fmt="%.4g", label_type="center", fontsize=8)
+        texts = [f"{v:.4g}" if ok else "not asked" for v, ok in zip(values, measured, strict=True)]
+        axis.bar_label(bars, labels=texts, label_type="center", fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     figure.suptitle("Candidates on the evaluation set and the fidelity text")
@@ -156,11 +155,25 @@ def speed_fidelity_chart(
     summaries: dict[str, dict[str, float]], selection: Selection, path: Path
 ) -> None:
     """Decode rate against mean KL divergence from the reference: up and to the left is better.
-    The chosen build is starred, builds that fail the gate are grey."""
+    The chosen build is starred, builds that fail the gate are grey; a build that failed
+    fidelity and was not asked (so has no decode rate) is a dotted line at its KLD."""
     plt = _pyplot()
     floor = 1e-6  # the reference (and a build that matches it exactly) sit at KLD 0
     figure, axis = plt.subplots(figsize=(8, 5.5))
+    not_asked = [(label, s) for label, s in summaries.items() if "tokens_per_s" not in s]
+    for index, (label, summary) in enumerate(not_asked):
+        kld = max(summary.get("kld_mean", floor), floor)
+        axis.axvline(kld, color="0.6", linestyle=":", zorder=1)
+        # At the top and the bottom in turn: the failing builds often sit close together.
+        axis.annotate(
+            f"{label}: not asked, failed fidelity (mean KLD {kld:.2g})",
+            (kld, 0.02 if index % 2 else 0.98), xycoords=("data", "axes fraction"),
+            textcoords="offset points", xytext=(3, 0), rotation=90,
+            va="bottom" if index % 2 else "top", ha="left", fontsize=8, color="0.45",
+        )  # fmt: skip
     for index, (label, summary) in enumerate(summaries.items()):
+        if "tokens_per_s" not in summary:
+            continue
         kld, speed = max(summary.get("kld_mean", floor), floor), summary["tokens_per_s"]
         failed = bool(selection.failures.get(label))
         chosen = label == selection.chosen
@@ -214,12 +227,13 @@ def summary_markdown(
 
 CANDIDATE_COLUMNS = (
     ("accuracy", "accuracy", "{:.3f}"),
-    ("95% interval", None, ""),
-    ("lost / gained", None, ""),
+    ("95% interval", ("accuracy_ci_low", "accuracy_ci_high"), "{:.3f}-{:.3f}"),
+    ("lost / gained", ("flips_lost", "flips_gained"), "{:.0f} / {:.0f}"),
     ("McNemar p", "mcnemar_p", "{:.3g}"),
     ("mean KLD", "kld_mean", "{:.4f}"),
     ("KLD p99", "kld_p99", "{:.4f}"),
     ("top-1", "top1_agreement", "{:.3f}"),
+    ("top-1 95% interval", ("top1_agreement_ci_low", "top1_agreement_ci_high"), "{:.3f}-{:.3f}"),
     ("ppl ratio", "ppl_ratio", "{:.3f}"),
     ("decode tok/s", "tokens_per_s", "{:.1f}"),
     ("p95 s", "latency_p95_s", "{:.2f}"),
@@ -227,41 +241,49 @@ CANDIDATE_COLUMNS = (
 
 
 def candidates_table(
-    summaries: dict[str, dict[str, float]], reference: str, verdicts: dict[str, str]
-) -> str:
-    """One markdown row per candidate (the model card's and bench.quality's table), with why it
-    was or was not chosen."""
-    header = ["model", *(title for title, _, _ in CANDIDATE_COLUMNS), "verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * len(CANDIDATE_COLUMNS) + "|---|"]
+    summaries: dict[str, dict[str, float]], reference: str, verdicts: dict[str, str],
+    answers: dict[str, str] | None = None,
+) -> str:  # fmt: skip
+    """One markdown row per candidate (the model card's and bench.quality's table): who answered
+    its items, its measures ("-" where it was not measured: a candidate not asked the
+    evaluation set), and why it was or was not chosen."""
+    header = ["model", "answers", *(title for title, _, _ in CANDIDATE_COLUMNS), "verdict"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|---|---" + "|---:" * len(CANDIDATE_COLUMNS) + "|---|",
+    ]
     for label, s in summaries.items():
         cells = [label + (" (reference)" if label == reference else "")]
-        for title, key, fmt in CANDIDATE_COLUMNS:
-            if key:
-                cells.append(fmt.format(s.get(key, float("nan"))))
-            elif title == "95% interval":
-                low, high = (
-                    s.get("accuracy_ci_low", float("nan")),
-                    s.get("accuracy_ci_high", float("nan")),
-                )
-                cells.append(f"{low:.3f}-{high:.3f}")
-            else:
-                lost, gained = (
-                    s.get("flips_lost", float("nan")),
-                    s.get("flips_gained", float("nan")),
-                )
-                cells.append(f"{lost:.0f} / {gained:.0f}")
+        cells.append((answers or {}).get(label, ""))
+        for _, keys, fmt in CANDIDATE_COLUMNS:
+            keys = (keys,) if isinstance(keys, str) else keys
+            measured = all(key in s for key in keys)
+            cells.append(fmt.format(*(s[key] for key in keys)) if measured else "-")
         cells.append(verdicts.get(label, ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def genai_rows(eval_set: EvalSet, candidate: CandidateResult) -> list[dict[str, Any]]:
-    """Precomputed answers in the shape `mlflow.genai.evaluate(data=...)` takes."""
+# What an evaluate run spends its time on, as its `seconds.<phase>` metrics (each candidate's
+# as `<label>.seconds.<phase>`); `seconds.total` is their sum and what lies between them.
+EVALUATE_PHASES = ("loading", "fidelity", "asking", "logging")
+
+# Where each candidate's nested evaluate run keeps its answers.
+CANDIDATE_ANSWERS = "eval/answers.json"
+
+
+def candidate_rows(eval_set: EvalSet, candidate: CandidateResult) -> list[dict[str, Any]]:
+    """One candidate's answers, one row per item, the same columns for every candidate (so
+    MLflow's Evaluation view compares their tables on `question`)."""
     return [
         {
-            "inputs": {"question": item.question},
-            "outputs": result.answer if result.error is None else f"ERROR {result.error}",
-            "expectations": {"accept": list(item.accept), "reference": item.reference},
+            "id": item.id,
+            "question": item.question,
+            "reference": item.reference,
+            "answer": result.answer if result.error is None else f"ERROR {result.error}",
+            "correct": result.correct,
+            "latency_s": round(result.latency_s, 3),
+            "answered_by": result.shared_from or candidate.label,
         }
         for item, result in zip(eval_set.items, candidate.items, strict=True)
     ]

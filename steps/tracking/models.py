@@ -122,13 +122,19 @@ class EvaluatedModel:
     model: LoggedChatModel
     summary: dict[str, float]
     verdict: str = ""  # the fastest_faithful policy's line on it (older files have none)
+    answers: str = ""  # who answered its evaluation items: itself, partly another, nobody
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.model) | {"summary": self.summary, "verdict": self.verdict}
+        return dataclasses.asdict(self.model) | {
+            "summary": self.summary, "verdict": self.verdict, "answers": self.answers,
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any]) -> EvaluatedModel:
         fields = {f.name for f in dataclasses.fields(LoggedChatModel)}
         model = {key: value for key, value in entry.items() if key in fields}
         model["runtime"] = Runtime(model["runtime"])
-        return cls(LoggedChatModel(**model), dict(entry["summary"]), entry.get("verdict", ""))
+        return cls(
+            LoggedChatModel(**model), dict(entry["summary"]), entry.get("verdict", ""),
+            entry.get("answers", ""),
+        )  # fmt: skip
