@@ -4,9 +4,12 @@ a reference.
 Candidates are wrap runs: by default the latest finished wrap_transformers run and, for each
 `compute.onnx_candidates` build, the latest finished wrap_onnx run of that build, of this model
 variant and compute target; or any list in `evaluate.wrap_run_ids`. The reference
-(`evaluate.reference`, default the transformers model) is one of them. Each candidate is asked
-the evaluation set through `mlflow.pyfunc.load_model` (steps.evaluation.measure), and scored
-teacher-forced against the reference on the fidelity text (steps.evaluation.fidelity).
+(`evaluate.reference`, default the transformers model) is one of them. Every candidate is first
+scored teacher-forced against the reference on the fidelity text (steps.evaluation.fidelity);
+then the reference and, with `evaluate.ask=contenders`, only the candidates that pass the
+fidelity gate are asked the evaluation set through `mlflow.pyfunc.load_model`
+(steps.evaluation.measure), a twin of the reference (same distribution) taking the faster
+twin's answers past the timed items (steps.evaluation.selection.plan_asking).
 
 Run artifacts: `eval/items.json` (per item: question, each model's answer, correct or not,
 latency), `eval/summary.json` and `eval/summary.md` (per model, with the register policy's
@@ -17,13 +20,14 @@ inputs; tag `evaluate.reference` names the reference. Metrics, per candidate lab
 `.accuracy_ci_low`/`_high` (95% Wilson), `.flips_lost`, `.flips_gained`, `.mcnemar_p` (against
 the reference), `.kld_mean`, `.kld_p99`, `.kld_max`, `.top1_agreement` (with its interval),
 `.ppl`, `.ppl_ratio`, `.delta_p_rms`, `.latency_p50_s`, `.latency_p95_s`, `.ttft_mean_s`,
-`.tokens_per_s`, `.peak_rss_mb`, ..., and `parity` (share of items where all models gave the
-same answer).
+`.tokens_per_s`, `.peak_rss_mb`, `.items_asked`, `.items_shared`, `.seconds.<phase>`, ...;
+`parity` (share of items where all models asked gave the same answer), and the step's
+`seconds.loading`, `.fidelity`, `.asking`, `.logging` and `.total`.
 
 In MLflow's UI: the candidates are the run's model inputs; each has a nested run
 (`evaluate <variant> <label> <compute>`) that logs its headline metrics on its LoggedModel,
 with the dataset each was measured on (report.MODEL_LIST_METRICS: the experiment's model list
-compares the builds on them), and its per-item scores through `mlflow.genai.evaluate`. The
+compares the builds on them), and its answers as a table (`eval/answers.json`). The
 run's description says which build fastest_faithful chooses and why, with every candidate's
 row, the speed-against-fidelity chart and links to the runs and models it evaluated.
 """
@@ -49,15 +53,10 @@ from steps.config.compose import project_path
 from steps.config.schema import WRAP_STEPS, PipelineConfig
 from steps.errors import PipelineError
 from steps.evaluation import fidelity
+from steps.evaluation.asking import answered_by, ask_candidates
 from steps.evaluation.evalset import EvalSet, load_eval_set
 from steps.evaluation.fidelity import FidelityText, load_fidelity_text
-from steps.evaluation.measure import (
-    CandidateResult,
-    evaluate_candidate,
-    model_folder,
-    same_answers,
-    take_shared_answers,
-)
+from steps.evaluation.measure import CandidateResult, model_folder
 from steps.evaluation.report import (
     CANDIDATE_ANSWERS,
     COMPARISON_CHART,
@@ -73,7 +72,7 @@ from steps.evaluation.report import (
     summarize,
     summary_markdown,
 )
-from steps.evaluation.selection import AskPlan, Selection, fastest_faithful, plan_asking
+from steps.evaluation.selection import Selection, fastest_faithful, plan_asking
 from steps.tracking.lineage import finished_run, latest_finished_run
 from steps.tracking.models import EvaluatedModel, LoggedChatModel
 from steps.tracking.notes import artifact_image, link_models, model_link, run_link, set_note
@@ -202,63 +201,6 @@ def score_fidelity(
     return {label: score | {"seconds.loading": loading[label]} for label, score in scores.items()}
 
 
-def ask_candidates(
-    cfg: PipelineConfig, eval_set: EvalSet, folders: dict[str, Path], plan: AskPlan
-) -> dict[str, CandidateResult]:
-    """Ask each candidate of the plan the timed items, then the rest; of the reference's twins
-    only the one with the highest decode rate on the timed items asks the rest, and the others
-    take its answers where their timed answers were the same (else they ask them too)."""
-    evaluation = cfg.evaluate
-    timed = eval_set.items[: evaluation.timed_items]
-    untimed = eval_set.items[evaluation.timed_items :]
-
-    def ask(label: str, timed, untimed, earlier=None) -> CandidateResult:
-        return evaluate_candidate(
-            label, folders[label], timed, untimed, evaluation.max_new_tokens, evaluation.batch_size,
-            earlier,
-        )  # fmt: skip
-
-    results = {
-        label: ask(label, timed, () if label in plan.twins else untimed)
-        for label in sorted(plan.asked, key=lambda label: label not in plan.twins)
-    }
-    if plan.twins and untimed:
-        answering = max(plan.twins, key=lambda label: results[label].tokens_per_s)
-        ask(answering, (), untimed, results[answering])
-        for label in plan.twins:
-            if label == answering:
-                continue
-            if same_answers(results[label].items, results[answering].items[: len(timed)]):
-                take_shared_answers(results[label], results[answering])
-            else:
-                log.warning(
-                    "%s computes %s's distribution but answered a timed item differently: "
-                    "asking it every item", label, answering,
-                )  # fmt: skip
-                ask(label, (), untimed, results[label])
-    return {label: results[label] for label in plan.asked}
-
-
-def answered_by(
-    label: str, plan: AskPlan, results: dict[str, CandidateResult],
-    scores: dict[str, dict[str, float]], reference: str,
-) -> str:  # fmt: skip
-    """Who answered a candidate's items, for its row: all itself, partly a twin (and why they
-    may share), or nobody."""
-    if label in plan.not_asked:
-        return "not asked"
-    result = results[label]
-    if source := result.shared_from:
-        twin = scores[source if label == reference else label]
-        return (
-            f"{result.asked} asked, {len(result.items) - result.asked} shared from {source} "
-            f"(same distribution: mean KLD {twin['kld_mean']:.2g}, top-1 "
-            f"{twin['top1_agreement']:.3f})"
-        )
-    takers = [other for other, r in results.items() if r.shared_from == label]
-    return f"{result.asked} asked" + (f", shared with {', '.join(takers)}" if takers else "")
-
-
 def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResult:
     """Score every candidate against the reference on the fidelity text, then ask the
     evaluation set of those that can still be chosen, and summarize; needs the store that holds
@@ -287,7 +229,7 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
         for label, why in plan.not_asked.items():
             log.info("%s: %s", label, why)
         started = time.perf_counter()
-        results = ask_candidates(cfg, eval_set, folders, plan)
+        results = ask_candidates(cfg.evaluate, eval_set, folders, plan)
         asking_wall = time.perf_counter() - started
     summaries = {}
     for c in candidates:

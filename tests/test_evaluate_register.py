@@ -14,9 +14,11 @@ from steps.config.compose import compose_config
 from steps.config.schema import Choice, Runtime
 from steps.errors import PipelineError
 from steps.evaluate import dataset_path
+from steps.evaluation.asking import answered_by
 from steps.evaluation.evalset import is_correct, load_eval_set
-from steps.evaluation.measure import CandidateResult, ItemResult
+from steps.evaluation.measure import CandidateResult, ItemResult, same_answers, take_shared_answers
 from steps.evaluation.report import parity, summarize
+from steps.evaluation.selection import AskPlan
 from steps.register import choose, gate_failures, pick_alias
 from steps.tracking.models import EvaluatedModel, LoggedChatModel
 
@@ -84,6 +86,35 @@ def test_summary_and_parity() -> None:
     assert parity([a, b]) == 0.5
 
 
+def test_a_twin_takes_answers_only_past_its_own_and_says_from_whom() -> None:
+    fast = _candidate("onnx-fp32", ["x", "y", "z", "w"], [True, False, True, False], 0.5)
+    slow = _candidate("transformers-fp32", ["x", "y"], [True, False], 2.0)
+    assert same_answers(slow.items, fast.items[:2])
+    take_shared_answers(slow, fast)
+    assert [i.answer for i in slow.items] == ["x", "y", "z", "w"]
+    assert [i.shared_from for i in slow.items] == [None, None, "onnx-fp32", "onnx-fp32"]
+    assert not any(i.timed for i in slow.items[2:])  # its speed is its own two items'
+    assert slow.asked == 2 and slow.shared_from == "onnx-fp32"
+    assert summarize(slow)["accuracy"] == 0.5 and summarize(slow)["items_shared"] == 2
+    plan = AskPlan(["transformers-fp32", "onnx-fp32"], ["transformers-fp32", "onnx-fp32"])
+    results = {"transformers-fp32": slow, "onnx-fp32": fast}
+    scores = {
+        "transformers-fp32": {"kld_mean": 0.0, "top1_agreement": 1.0},
+        "onnx-fp32": {"kld_mean": 4.5e-8, "top1_agreement": 1.0},
+    }
+    assert answered_by("transformers-fp32", plan, results, scores, "transformers-fp32") == (
+        "2 asked, 2 shared from onnx-fp32 (same distribution: mean KLD 4.5e-08, top-1 1.000)"
+    )
+    assert answered_by("onnx-fp32", plan, results, scores, "transformers-fp32") == (
+        "4 asked, shared with transformers-fp32"
+    )
+    # A different word, or an error, is a different answer: then nothing is shared.
+    other = _candidate("transformers-fp32", ["x", "Y"], [True, False], 2.0)
+    assert not same_answers(other.items, fast.items[:2])
+    fast.items[0].error = "RuntimeError: boom"
+    assert not same_answers(fast.items[:2], fast.items[:2])
+
+
 def _evaluated(runtime: Runtime, precision: str, accuracy: float, tokens_per_s: float):
     summary = {"accuracy": accuracy, "tokens_per_s": tokens_per_s, "latency_p95_s": 2.0}
     model = LoggedChatModel(runtime, precision, f"models:/m-{runtime}-{precision}", "run")
@@ -110,6 +141,24 @@ def test_best_is_accuracy_first_then_speed() -> None:
         chosen(Choice.transformers, candidates[2:])
     with pytest.raises(PipelineError, match="reference transformers-fp32 is not among"):
         chosen(Choice.fastest_faithful, candidates[2:])
+
+
+def test_register_ranks_only_the_candidates_that_were_asked() -> None:
+    asked = _evaluated(Runtime.transformers, "fp32", 0.3, 15.0)
+    fidelity_only = {"kld_mean": 0.34, "top1_agreement": 0.69, "ppl_ratio": 1.32}
+    int4 = LoggedChatModel(Runtime.onnx, "int4", "models:/m-int4", "run")
+    not_asked = EvaluatedModel.from_dict(
+        json.loads(json.dumps(EvaluatedModel(int4, fidelity_only, "", "not asked").to_dict()))
+    )
+    assert not_asked.answers == "not asked"
+    gate = compose_config([]).register
+    candidates = [asked, not_asked]
+    assert choose(candidates, Choice.best, "transformers-fp32", gate)[0] is asked
+    with pytest.raises(PipelineError, match="every such candidate failed fidelity and was not"):
+        choose(candidates, Choice.onnx, "transformers-fp32", gate)
+    chosen, reasons = choose(candidates, Choice.fastest_faithful, "transformers-fp32", gate)
+    assert chosen is asked
+    assert reasons["onnx-int4"].startswith("not asked: failed fidelity (mean KLD 0.3400")
 
 
 def test_gate_and_aliases() -> None:
