@@ -10,8 +10,9 @@ MLflow's own MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN pass through from the
 the experiment is new each time, `bench-pipeline-<temp folder>` through MLFLOW_EXPERIMENT_NAME.
 `mlflow run` runs in that folder, as the tests run it: for a SQLite store MLflow puts the runs'
 artifacts under ./mlruns of the current directory. --overrides is passed to both runs as
-`-P overrides=...` (e.g. the evaluation as it was before evaluate.ask: "evaluate.ask=all
-evaluate.share_answers_below_kld=null evaluate.fidelity.scored_tokens=4096").
+`-P overrides=...` (e.g. asking as before evaluate.ask, all but the per-item traces:
+"evaluate.ask=all evaluate.share_answers_below_kld=null evaluate.timed_items=24
+evaluate.fidelity.scored_tokens=4096").
 
 - cold: the first run into the empty store, so every step runs. The snapshot cache under
   XDG_CACHE_HOME (fetched snapshots, GGUF conversions, ONNX builds) stays as it is, unless

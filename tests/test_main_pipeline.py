@@ -4,6 +4,7 @@ the gate's failure path are checked."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -110,6 +111,17 @@ def test_parent_run_records_the_lineage(remote_pipeline: PipelineRuns) -> None:
     assert tags["main.registered"].startswith(f"{REGISTERED} v1 @champion")
     for label in LABELS:
         assert tags[f"main.model_uri.{label}"].startswith("models:/m-")
+    # Each step's seconds, on the parent and in what main printed, evaluate's by phase.
+    assert {f"seconds.{step}" for step in STEPS} <= set(remote_pipeline.cold.data.metrics)
+    cold, warm = remote_pipeline.outputs
+    seconds = r"[0-9.]+"
+    assert re.search(
+        rf"steps: fetch {seconds} s, wrap_transformers {seconds} s, .*evaluate {seconds} s "
+        rf"\(loading {seconds}, fidelity {seconds}, asking {seconds}, logging {seconds}\), "
+        rf"register {seconds} s",
+        cold,
+    )
+    assert "steps: fetch reused, wrap_transformers reused, " in warm
 
 
 def test_main_parallel_ran_the_wraps_at_the_same_time(remote_pipeline: PipelineRuns) -> None:

@@ -9,11 +9,13 @@ import pytest
 
 from steps.config.compose import compose_config, resolved_config_yaml
 from steps.main import (
+    MainResult,
     Step,
     as_overrides,
     child_base_config,
     pipeline_steps,
     step_config_sha256,
+    step_times,
     upstream_settings,
 )
 
@@ -81,3 +83,16 @@ def test_a_wrap_onnx_run_alone_refuses_both_sources() -> None:
     cfg = compose_config(["model=phi3-mini-4k", "wrap.onnx_source=both"])
     with pytest.raises(PipelineError, match=r"use wrap\.onnx_source=build or prebuilt"):
         wrap_onnx.fetch_artifact(cfg)
+
+
+def test_main_says_each_steps_seconds_and_evaluates_phases() -> None:
+    result = MainResult(
+        {"fetch": "a", "wrap_transformers": "b", "evaluate": "c", "register": "d"},
+        reused=["fetch"],
+        seconds={"wrap_transformers": 14.04, "evaluate": 124.5, "register": 7.2},
+    )
+    phases = {"loading": 10.8, "fidelity": 30.9, "asking": 74.1, "logging": 1.4}
+    assert step_times(result, phases) == (
+        "steps: fetch reused, wrap_transformers 14.0 s, evaluate 124.5 s (loading 10.8, "
+        "fidelity 30.9, asking 74.1, logging 1.4), register 7.2 s"
+    )

@@ -99,6 +99,21 @@ def test_evaluate_run_shows_its_models_and_its_report(ui, page, remote_pipeline)
     page.screenshot(path=screenshots() / "evaluate-run.png")
 
 
+def test_each_candidates_answers_are_a_table_on_its_run(ui, page, remote_pipeline) -> None:
+    client = MlflowClient(remote_pipeline.server.uri)
+    experiment = remote_pipeline.cold.info.experiment_id
+    evaluate = remote_pipeline.cold.data.tags["main.evaluate.run_id"]
+    (nested,) = client.search_runs(
+        [experiment],
+        f"tags.`mlflow.parentRunId` = '{evaluate}' and tags.`model.label` = 'onnx-int8'",
+    )
+    path = "eval/answers.json"
+    page.goto(f"{ui}/#/experiments/{experiment}/runs/{nested.info.run_id}/artifactPath/{path}")
+    expect(page.get_by_text("answered_by").first).to_be_visible()
+    expect(page.get_by_text("onnx-int8", exact=True).first).to_be_visible()  # who answered
+    page.screenshot(path=screenshots() / "candidate-answers.png")
+
+
 def test_model_list_names_each_build_and_compares_their_metrics(ui, page, remote_pipeline) -> None:
     experiment = remote_pipeline.cold.info.experiment_id
     # Wide enough for both metric groups: the table scrolls sideways on a narrower screen.
