@@ -5,6 +5,7 @@ what, for the tables."""
 from __future__ import annotations
 
 import logging
+from math import isnan
 from pathlib import Path
 
 from steps.config.schema import EvaluateConfig
@@ -40,7 +41,9 @@ def ask_candidates(
         for label in sorted(plan.asked, key=lambda label: label not in plan.twins)
     }
     if plan.twins and untimed:
-        answering = max(plan.twins, key=lambda label: results[label].tokens_per_s)
+        # A twin with no decode rate (every timed item failed) never answers for the others.
+        rates = {label: results[label].tokens_per_s for label in plan.twins}
+        answering = max(plan.twins, key=lambda label: 0.0 if isnan(rates[label]) else rates[label])
         ask(answering, (), untimed, results[answering])
         for label in plan.twins:
             if label == answering:
