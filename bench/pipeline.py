@@ -50,7 +50,7 @@ from mlflow import MlflowClient
 
 from bench.models import add_model_arguments, tracking_uri
 from bench.reporting import provenance, write_report
-from steps.evaluation.report import EVALUATE_PHASES
+from steps.evaluation.report import phase_seconds
 from steps.tracking.provenance import PROJECT_ROOT
 from steps.tracking.server import redacted
 
@@ -161,11 +161,7 @@ def recorded(run: Invocation) -> list[Recorded]:
         phases = {}
         if tags.get("main.evaluate.reused") == "false":
             evaluated = client.get_run(tags["main.evaluate.run_id"]).data.metrics
-            phases = {
-                phase: evaluated[f"seconds.{phase}"]
-                for phase in (*EVALUATE_PHASES, "total")
-                if f"seconds.{phase}" in evaluated
-            }
+            phases = phase_seconds(evaluated, total=True)
         found.append(Recorded(reused.count("true"), len(reused), steps, phases))
     return found
 

@@ -178,9 +178,9 @@ def reference_of(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> Logg
 def score_fidelity(
     cfg: PipelineConfig, text: FidelityText, reference: LoggedChatModel,
     candidates: list[LoggedChatModel], folders: dict[str, Path],
-) -> dict[str, dict[str, float]]:  # fmt: skip
-    """All candidates loaded at once, so that the reference runs each window once; each score
-    carries its model's loading seconds."""
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:  # fmt: skip
+    """All candidates loaded at once, so that the reference runs each window once. Returns the
+    scores and each model's loading seconds."""
     with contextlib.ExitStack() as stack:
         models, loading = {}, {}
         for c in candidates:
@@ -198,7 +198,7 @@ def score_fidelity(
             len(windows), cfg.evaluate.fidelity.window, text.name, len(stream), reference.label,
         )  # fmt: skip
         scores = fidelity.score(models[reference.label], models, windows)
-    return {label: score | {"seconds.loading": loading[label]} for label, score in scores.items()}
+    return scores, loading
 
 
 def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResult:
@@ -223,7 +223,7 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
         # Fidelity first: it is cheap, it checks the text against the tokenizer before minutes
         # of asking, and it decides who is worth asking.
         started = time.perf_counter()
-        scores = score_fidelity(cfg, text, reference, candidates, folders)
+        scores, fidelity_loading = score_fidelity(cfg, text, reference, candidates, folders)
         fidelity_wall = time.perf_counter() - started
         plan = plan_asking(scores, reference.label, cfg.evaluate, cfg.register)
         for label, why in plan.not_asked.items():
@@ -233,14 +233,15 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
         asking_wall = time.perf_counter() - started
     summaries = {}
     for c in candidates:
-        loading = copying[c.label] + scores[c.label]["seconds.loading"]
-        summaries[c.label] = scores[c.label] | {"items_asked": 0.0, "seconds.loading": loading}
+        loading = copying[c.label] + fidelity_loading[c.label]
         if c.label in results:
             asked = results[c.label]
             summaries[c.label] = (
                 summarize(asked) | flips(results[reference.label], asked) | scores[c.label]
                 | {"seconds.loading": loading + asked.load_seconds}
             )  # fmt: skip
+        else:
+            summaries[c.label] = scores[c.label] | {"items_asked": 0.0, "seconds.loading": loading}
     selection = fastest_faithful(summaries, reference.label, cfg.register)
     log.info("evaluation summary:\n%s", summary_markdown(summaries, selection))
     fidelity_keys = frozenset(key for score in scores.values() for key in score)
@@ -248,11 +249,11 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
         c.label: answered_by(c.label, plan, results, scores, reference.label) for c in candidates
     }
     # Disjoint phases: the fidelity and asking walls without the loading they include.
-    fidelity_loading = sum(score["seconds.loading"] for score in scores.values())
     asking_loading = sum(result.load_seconds for result in results.values())
+    loading_total = sum(copying.values()) + sum(fidelity_loading.values()) + asking_loading
     phases = {
-        "seconds.loading": sum(copying.values()) + fidelity_loading + asking_loading,
-        "seconds.fidelity": fidelity_wall - fidelity_loading,
+        "seconds.loading": loading_total,
+        "seconds.fidelity": fidelity_wall - sum(fidelity_loading.values()),
         "seconds.asking": asking_wall - asking_loading,
     }
     return EvaluateResult(

@@ -55,7 +55,7 @@ from steps.config.schema import (
 from steps.errors import PipelineError
 from steps.evaluation.evalset import load_eval_set
 from steps.evaluation.fidelity import check_fills_a_window, load_fidelity_text
-from steps.evaluation.report import EVALUATE_PHASES, SPEED_CHART, candidates_table
+from steps.evaluation.report import SPEED_CHART, candidates_table, phase_seconds
 from steps.tracking.models import EvaluatedModel, logged_model_id
 from steps.tracking.notes import artifact_image, link_models, run_link, set_note, version_link
 from steps.tracking.provenance import PROJECT_ROOT, git_diff_sha256, git_state
@@ -407,11 +407,7 @@ def summarize(cfg: PipelineConfig, result: MainResult, parent_id: str) -> None:
             if k.endswith((".accuracy", ".kld_mean", ".tokens_per_s"))
         }
         lines.append(f"  evaluation ({upstream['evaluate']}): {headline}")
-        phases = {
-            phase: metrics[f"seconds.{phase}"]
-            for phase in EVALUATE_PHASES
-            if f"seconds.{phase}" in metrics
-        }
+        phases = phase_seconds(metrics)
         evaluated = [
             EvaluatedModel.from_dict(entry)
             for entry in mlflow.artifacts.load_dict(

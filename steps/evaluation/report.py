@@ -10,7 +10,7 @@ from typing import Any
 
 from steps.evaluation.evalset import EvalSet
 from steps.evaluation.measure import CandidateResult
-from steps.evaluation.selection import Selection
+from steps.evaluation.selection import Selection, was_asked
 from steps.evaluation.stats import mcnemar_exact_p, wilson_interval
 
 
@@ -160,7 +160,7 @@ def speed_fidelity_chart(
     plt = _pyplot()
     floor = 1e-6  # the reference (and a build that matches it exactly) sit at KLD 0
     figure, axis = plt.subplots(figsize=(8, 5.5))
-    not_asked = [(label, s) for label, s in summaries.items() if "tokens_per_s" not in s]
+    not_asked = [(label, s) for label, s in summaries.items() if not was_asked(s)]
     for index, (label, summary) in enumerate(not_asked):
         kld = max(summary.get("kld_mean", floor), floor)
         axis.axvline(kld, color="0.6", linestyle=":", zorder=1)
@@ -172,7 +172,7 @@ def speed_fidelity_chart(
             va="bottom" if index % 2 else "top", ha="left", fontsize=8, color="0.45",
         )  # fmt: skip
     for index, (label, summary) in enumerate(summaries.items()):
-        if "tokens_per_s" not in summary:
+        if not was_asked(summary):
             continue
         kld, speed = max(summary.get("kld_mean", floor), floor), summary["tokens_per_s"]
         failed = bool(selection.failures.get(label))
@@ -242,7 +242,7 @@ CANDIDATE_COLUMNS = (
 
 def candidates_table(
     summaries: dict[str, dict[str, float]], reference: str, verdicts: dict[str, str],
-    answers: dict[str, str] | None = None,
+    answers: dict[str, str],
 ) -> str:  # fmt: skip
     """One markdown row per candidate (the model card's and bench.quality's table): who answered
     its items, its measures ("-" where it was not measured: a candidate not asked the
@@ -254,7 +254,7 @@ def candidates_table(
     ]
     for label, s in summaries.items():
         cells = [label + (" (reference)" if label == reference else "")]
-        cells.append((answers or {}).get(label, ""))
+        cells.append(answers.get(label, ""))
         for _, keys, fmt in CANDIDATE_COLUMNS:
             keys = (keys,) if isinstance(keys, str) else keys
             measured = all(key in s for key in keys)
@@ -267,6 +267,13 @@ def candidates_table(
 # What an evaluate run spends its time on, as its `seconds.<phase>` metrics (each candidate's
 # as `<label>.seconds.<phase>`); `seconds.total` is their sum and what lies between them.
 EVALUATE_PHASES = ("loading", "fidelity", "asking", "logging")
+
+
+def phase_seconds(metrics: dict[str, float], total: bool = False) -> dict[str, float]:
+    """An evaluate run's phases (and its total), in order, from its metrics."""
+    phases = (*EVALUATE_PHASES, "total") if total else EVALUATE_PHASES
+    return {p: metrics[f"seconds.{p}"] for p in phases if f"seconds.{p}" in metrics}
+
 
 # Where each candidate's nested evaluate run keeps its answers.
 CANDIDATE_ANSWERS = "eval/answers.json"
