@@ -1,7 +1,9 @@
 """Shared fixtures: one snapshot store per test session (the bundled model is fetched and
-converted once), a throwaway SQLite tracking store per test, composed configs, and one real
-tracking server as teams run it (PostgreSQL, MLflow's basic-auth) with the whole pipeline run
-against it (shared by the pipeline and serving tests)."""
+converted once), a throwaway SQLite tracking store per test, composed configs, the entry points
+run once at default size into a session store, the Phi-3 family's tiny checkpoints on a loopback
+Hub, and one real tracking server as teams run it (PostgreSQL, MLflow's basic-auth) with the
+whole pipeline run against it at the real defaults (the suite's one end-to-end run of them,
+shared by the pipeline, team-server, UI and serving tests)."""
 
 from __future__ import annotations
 
@@ -13,18 +15,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import children
 import mlflow
 import pytest
 import yaml
+from fake_hub import FakeHub, folder_files
 from mlflow import MlflowClient
+from mlflow.entities import Run
+from phi3_family import VARIANTS, Phi3Variant, write_checkpoint
 from servers import (
     Credentials,
     Postgres,
+    RestartableServer,
     ServerSetup,
-    TrackingServer,
     clean_env,
     postgres_cluster,
-    tracking_server,
 )
 
 from steps import register
@@ -48,6 +53,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+REPORT: list[str] = []
+
+
+def report_line(line: str) -> None:
+    """A line for the end of pytest's output (so in CI's log, passed or not): what the suite's
+    big items took, so that the next regression shows there."""
+    REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if REPORT:
+        terminalreporter.section("what the big items took")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
+
 def mlflow_run_command(
     *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local"
 ) -> tuple[list[str], Path | None]:
@@ -61,10 +82,24 @@ def mlflow_run_command(
 
 
 def mlflow_run(
-    *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local"
-) -> subprocess.CompletedProcess[str]:
+    *args: str, env: dict[str, str], project: Path = PROJECT_ROOT, env_manager: str = "local",
+    bound: float = 600,
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`mlflow run` of the project to its end, killed past `bound` seconds (tests/children.py)."""
     command, cwd = mlflow_run_command(*args, env=env, project=project, env_manager=env_manager)
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=2700)
+    return children.run(command, bound, env=env, cwd=cwd)
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, bound: float = 600) -> None:
+    """Until `text` is in the log of a running child (which must not end first)."""
+    deadline = time.monotonic() + children.time_left(bound)
+    while text not in log.read_text(errors="replace"):
+        if process.poll() is not None:
+            pytest.fail(f"{text!r} never came: the child ended first\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            children.kill_tree(process)
+            pytest.fail(f"{text!r} not in {log} after {bound} s: killed the child")
+        time.sleep(0.2)
 
 
 def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
@@ -121,33 +156,91 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 @dataclass(frozen=True)
 class WrappedModels:
     tracking_uri: str
-    fetch_run_id: str
-    transformers_uri: str
-    onnx_uri: str
-    overrides: tuple[str, ...]  # what the steps ran with (cache and tracking store)
+    runs: dict[str, Run]  # fetch, wrap_transformers, wrap_onnx: as `mlflow run -e` left them
+    overrides: tuple[str, ...]  # what the steps ran with (cache, tracking store, experiment)
+
+    @property
+    def fetch_run_id(self) -> str:
+        return self.runs["fetch"].info.run_id
+
+    @property
+    def transformers_uri(self) -> str:
+        return self.runs["wrap_transformers"].data.tags["model.uri"]
+
+    @property
+    def onnx_uri(self) -> str:
+        return self.runs["wrap_onnx"].data.tags["model.uri"]
 
 
 @pytest.fixture(scope="session")
 def wrapped(
     bundled_fetch: FetchOutcome, session_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> WrappedModels:
-    """fetch, wrap_transformers and wrap_onnx run once per session on the bundled model, with
-    the default config, into a session tracking store."""
-    from steps import fetch, wrap_onnx, wrap_transformers
-
+    """`mlflow run . -e fetch`, `-e wrap_transformers` and `-e wrap_onnx` as a user runs them,
+    once per session on the bundled model with the default config, into a session tracking
+    store: the entry-point tests read these runs, the wrap and evaluate tests use their models."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
-    overrides = (f"fetch.cache_dir={session_cache}", f"tracking.uri={uri}")
-    cfg = compose_config(list(overrides))
-    mlflow.set_tracking_uri(uri)
-    fetch.main(cfg)
-    transformers, onnx = wrap_transformers.main(cfg), wrap_onnx.main(cfg)
-    return WrappedModels(
-        tracking_uri=uri,
-        fetch_run_id=transformers.tags["fetch.run_id"],
-        transformers_uri=transformers.model.model_uri,
-        onnx_uri=onnx.model.model_uri,
-        overrides=overrides,
-    )
+    env = project_env(uri)
+    override = f"fetch.cache_dir={session_cache}"
+    client = MlflowClient(uri)
+    runs = {}
+    for step in ("fetch", "wrap_transformers", "wrap_onnx"):
+        result = mlflow_run("-e", step, "-P", f"overrides={override}", env=env)
+        assert result.returncode == 0, (step, result.stderr[-3000:])
+        experiment = client.get_experiment_by_name("e2e").experiment_id
+        (runs[step],) = client.search_runs([experiment], f"tags.`pipeline.step` = '{step}'")
+    overrides = (override, f"tracking.uri={uri}", "tracking.experiment=e2e")
+    return WrappedModels(uri, runs, overrides)
+
+
+@dataclass(frozen=True)
+class Phi3Checkpoint:
+    variant: Phi3Variant
+    folder: Path  # the weights' file set
+    export: Path  # the int4 CPU export's folder
+
+
+@pytest.fixture(scope="session")
+def phi3_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Phi3Checkpoint]:
+    """One tiny checkpoint and one int4 export per Phi-3 variant (tests/phi3_family.py), made
+    once per session: where the real model's size proves nothing, the pipelines run these."""
+    from steps.onnx.build import build_inputs, build_onnx
+
+    root = tmp_path_factory.mktemp("phi3")
+    made = {}
+    for name, variant in VARIANTS.items():
+        folder = write_checkpoint(variant, root / name)
+        # The export's folder name says what Microsoft built; the builder makes RTN here (AWQ
+        # needs calibration data), with the block size the name says.
+        block = variant.cpu_export.subfolder.split("block-")[1].split("-")[0]
+        options = {"block_size": block} if block != "32" else {}
+        inputs = build_inputs(f"phi3-test-{name}", "int4", "cpu", options)
+        export = build_onnx(name, folder, inputs, SnapshotStore(root / "exports"))
+        made[name] = Phi3Checkpoint(variant, folder, export.model_dir)
+    return made
+
+
+@pytest.fixture(scope="session")
+def phi3_hub(phi3_checkpoints: dict[str, Phi3Checkpoint]) -> Iterator[FakeHub]:
+    """The loopback Hub serving each variant's checkpoint at its pinned repo and revision, and
+    its int4 export under the real prebuilt subfolder at the export repo's pin."""
+    repos, refs = {}, {}
+    for checkpoint in phi3_checkpoints.values():
+        v = checkpoint.variant
+        repos[v.repo_id] = {v.revision: folder_files(checkpoint.folder)}
+        export = v.cpu_export
+        repos[export.repo_id] = {
+            export.revision: folder_files(checkpoint.export, f"{export.subfolder}/")
+            | {"cuda/cuda-int4-rtn-block-32/model.onnx": b"not for this target"}
+        }
+        refs[v.repo_id] = {"main": v.revision}
+    with FakeHub(repos, refs) as hub:
+        yield hub
+
+
+def hub_env(hub: FakeHub, home: Path, **extra: str) -> dict[str, str]:
+    """What points the Hub client at the loopback Hub."""
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"} | extra
 
 
 @pytest.fixture(scope="session")
@@ -172,53 +265,138 @@ def tracking_admin() -> Iterator[Credentials]:
 @pytest.fixture(scope="session")
 def remote_tracking(
     postgres: Postgres, tracking_admin: Credentials, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TrackingServer]:
+) -> Iterator[RestartableServer]:
     """One real tracking server as teams run it (PostgreSQL, MLflow's basic-auth) for the
-    session's end-to-end tests."""
+    session's end-to-end tests; the session pipeline kills and restarts it."""
     root = tmp_path_factory.mktemp("tracking-server")
-    with tracking_server(ServerSetup.create(root, postgres, "mlflow", tracking_admin)) as server:
-        yield server
+    server = RestartableServer(ServerSetup.create(root, postgres, "mlflow", tracking_admin))
+    yield server
+    server.close()
+
+
+def registry_state(client: MlflowClient, name: str) -> tuple[list, dict]:
+    """A registered model's versions (with their cards) and aliases."""
+    model = client.get_registered_model(name)
+    versions = sorted(
+        (v.version, v.description) for v in client.search_model_versions(f"name='{name}'")
+    )
+    return versions, dict(model.aliases)
+
+
+# The step the session pipeline's server is killed in: it uploads hundreds of MB there.
+UPLOADING = "logging the onnx chat model"
+
+
+@dataclass(frozen=True)
+class LostServer:
+    """The session pipeline's server, killed twice while a wrap_onnx uploaded its model."""
+
+    down_seconds: float  # the cold run's server was away this long, and the run rode it out
+    statuses_after_cold: frozenset[str]  # of every run in the experiment
+    lone_step_output: str  # a wrap_onnx alone whose server stayed away past its retries
+    lone_step_run: Run  # its run, read once the server was back
+    lone_step_models: tuple[str, ...]  # the status of each LoggedModel that run began
 
 
 @dataclass(frozen=True)
 class PipelineRuns:
-    server: TrackingServer
-    cold: object  # the parent runs
-    warm: object
+    server: RestartableServer
+    cold: Run  # the parent runs
+    warm: Run
     cold_seconds: float
     warm_seconds: float
     cache_override: str
     temp_dir: Path  # TMPDIR of both runs
     outputs: tuple[str, ...]  # what both runs printed
+    lost: LostServer
+
+
+def _lose_the_server_mid_upload(server: RestartableServer, process, log: Path) -> float:
+    """Kill the server as the child starts uploading a model; bring it back 5 s later. Returns
+    how long it was away."""
+    wait_for_line(log, UPLOADING, process)
+    went = server.kill()
+    time.sleep(5)
+    server.start()
+    return time.monotonic() - went
 
 
 @pytest.fixture(scope="session")
 def remote_pipeline(
-    bundled_fetch, session_cache: Path, remote_tracking, tmp_path_factory: pytest.TempPathFactory
-) -> PipelineRuns:
-    """`mlflow run .` twice against the tracking server: cold, with the two wraps running at
-    the same time (main.parallel=true), then sequential and reusing every step (main's options
-    are not part of a step's inputs)."""
+    bundled_fetch, session_cache: Path, remote_tracking: RestartableServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> PipelineRuns:  # fmt: skip
+    """`mlflow run .` on the real defaults against the team's server, twice, and its server
+    lost in between, as a crashed pod is:
+
+    1. cold, the wraps at the same time (main.parallel=true); the server killed as a wrap_onnx
+       starts uploading and back 5 s later, which MLflow's client retries ride out;
+    2. a wrap_onnx alone whose server is killed mid-upload and stays away past its (lowered)
+       retry budget: it must fail in one line and leave the registry as it was;
+    3. warm, sequential, with the server back: every step reused (main's options are not part
+       of a step's inputs)."""
+    server = remote_tracking
     override = f"fetch.cache_dir={session_cache}"
     temp_dir = tmp_path_factory.mktemp("pipeline-tmp")
-    env = project_env(remote_tracking.uri, TMPDIR=str(temp_dir))
-    seconds, outputs = [], []
-    for overrides in (f"{override} main.parallel=true", override):
-        started = time.monotonic()
-        result = mlflow_run("-P", f"overrides={overrides}", env=env)
-        seconds.append(time.monotonic() - started)
-        outputs.append(result.stdout + result.stderr)
-        assert result.returncode == 0, result.stderr[-4000:]
-    cold, warm = MlflowClient(remote_tracking.uri).search_runs(
-        [MlflowClient(remote_tracking.uri).get_experiment_by_name("e2e").experiment_id],
-        filter_string="tags.`pipeline.step` = 'main'",
-        order_by=["attributes.start_time ASC"],
+    logs = tmp_path_factory.mktemp("pipeline-logs")
+    env = project_env(server.uri, TMPDIR=str(temp_dir))
+    client = MlflowClient(server.uri)
+
+    command, _ = mlflow_run_command("-P", f"overrides={override} main.parallel=true", env=env)
+    started = time.monotonic()
+    cold_run = children.start(command, logs / "cold.log", env=env, cwd=logs)
+    down_seconds = _lose_the_server_mid_upload(server, cold_run, logs / "cold.log")
+    code = children.wait(cold_run, 1800, logs / "cold.log")
+    cold_seconds, cold_output = time.monotonic() - started, (logs / "cold.log").read_text()
+    assert code == 0, cold_output[-4000:]
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    statuses = frozenset(r.info.status for r in client.search_runs([experiment]))
+
+    lone = children.start(
+        [sys.executable, "-m", "steps", "wrap_onnx", "--overrides", override],
+        logs / "lone-wrap_onnx.log", cwd=PROJECT_ROOT,
+        env=env | {"MLFLOW_EXPERIMENT_NAME": "e2e", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"},
+    )  # fmt: skip
+    wait_for_line(logs / "lone-wrap_onnx.log", UPLOADING, lone)
+    server.kill()
+    assert children.wait(lone, 300, logs / "lone-wrap_onnx.log") != 0
+    server.start()
+    (lone_run,) = [
+        run
+        for run in client.search_runs([experiment], "tags.`pipeline.step` = 'wrap_onnx'")
+        if "mlflow.parentRunId" not in run.data.tags  # main links its children
+    ]
+    lone_models = client.search_logged_models(
+        [experiment], f"source_run_id = '{lone_run.info.run_id}'"
     )
-    print(f"\nmlflow run . cold {seconds[0]:.1f} s, warm {seconds[1]:.1f} s "
-          f"({seconds[1] / seconds[0]:.1%})")  # fmt: skip
+
+    started = time.monotonic()
+    warm = mlflow_run("-P", f"overrides={override}", env=env, bound=600)
+    warm_seconds, warm_output = time.monotonic() - started, warm.stdout + warm.stderr
+    assert warm.returncode == 0, warm.stderr[-4000:]
+
+    cold, warm_parent = client.search_runs(
+        [experiment], "tags.`pipeline.step` = 'main'", order_by=["attributes.start_time ASC"]
+    )
+    lost = LostServer(
+        down_seconds, statuses, (logs / "lone-wrap_onnx.log").read_text(), lone_run,
+        tuple(str(model.status) for model in lone_models),
+    )  # fmt: skip
+    report_line(
+        f"session pipeline (real defaults, {server.uri}): cold {cold_seconds:.1f} s, warm "
+        f"{warm_seconds:.1f} s; server down {down_seconds:.1f} s mid-upload"
+    )
+    report_line(f"  cold {_steps_line(cold_output)}")
     return PipelineRuns(
-        remote_tracking, cold, warm, seconds[0], seconds[1], override, temp_dir, tuple(outputs)
-    )
+        server, cold, warm_parent, cold_seconds, warm_seconds, override, temp_dir,
+        (cold_output, warm_output), lost,
+    )  # fmt: skip
+
+
+def _steps_line(output: str) -> str:
+    """The line main prints with each step's seconds."""
+    lines = (line.strip() for line in output.splitlines())
+    return next((line for line in lines if line.startswith("steps: ")), "(no steps line)")
 
 
 # The registered models of the bundled model's pipeline on the cpu target, by runtime.

@@ -12,9 +12,11 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,3 +205,53 @@ def tracking_server(setup: ServerSetup, log_name: str = "server.log") -> Iterato
     log = setup.root / log_name
     with running(command, env, f"{setup.uri}/health", log) as process:
         yield TrackingServer(setup, process, log)
+
+
+class RestartableServer:
+    """A tracking server that tests kill and start again on the same setup (same port, databases
+    and artifacts), as a crashed pod comes back: `process` and `log` are the current life's,
+    `logs` every life's."""
+
+    def __init__(self, setup: ServerSetup) -> None:
+        self.setup = setup
+        self._lives = contextlib.ExitStack()
+        self._current: TrackingServer | None = None
+        self.logs: list[Path] = []
+        self.start()
+
+    def start(self) -> None:
+        self.logs.append(self.setup.root / f"life-{len(self.logs) + 1}.log")
+        self._current = self._lives.enter_context(tracking_server(self.setup, self.logs[-1].name))
+
+    def kill(self) -> float:
+        """SIGKILL, as a node that dies takes it; returns when it went (time.monotonic)."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        return time.monotonic()
+
+    def close(self) -> None:
+        self._lives.close()
+
+    @property
+    def process(self) -> subprocess.Popen:
+        assert self._current is not None
+        return self._current.process
+
+    @property
+    def log(self) -> Path:
+        return self.logs[-1]
+
+    @property
+    def uri(self) -> str:
+        return self.setup.uri
+
+    @property
+    def artifacts(self) -> Path:
+        return self.setup.artifacts
+
+    @property
+    def admin(self) -> Credentials:
+        return self.setup.admin
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return self.setup.env(**extra)

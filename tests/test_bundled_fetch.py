@@ -6,8 +6,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import time
 from pathlib import Path
 
+import children
 import pytest
 
 from steps.config.schema import FetchArtifact, PipelineConfig
@@ -55,7 +57,9 @@ def test_second_fetch_is_a_verified_cache_hit(
     assert again.cache == "hit"
     assert again.bytes_fetched == 0
     assert again.manifest.snapshot_id == bundled_fetch.manifest.snapshot_id
-    assert again.seconds < 10
+    if bundled_fetch.cache == "miss":
+        # Verifying the cached files against their hashes, against a download and a conversion.
+        assert again.seconds < bundled_fetch.seconds / 3, (again.seconds, bundled_fetch.seconds)
 
 
 def test_corrupted_cached_file_is_detected_and_fetched_again(
@@ -126,9 +130,15 @@ def test_concurrent_fetches_of_one_source_do_not_corrupt_the_cache(
     ]
     for worker in workers:
         worker.start()
+    deadline = time.monotonic() + children.time_left(300)
     for worker in workers:
-        worker.join(timeout=300)
-        assert worker.exitcode == 0
+        worker.join(timeout=max(0, deadline - time.monotonic()))
+    hung = [worker for worker in workers if worker.is_alive()]
+    for worker in hung:  # a hung fetch must not hold the cores (nor pytest's exit) any longer
+        worker.kill()
+        worker.join()
+    assert not hung, "a fetch was still running after 300 s: killed"
+    assert [worker.exitcode for worker in workers] == [0, 0]
     results = sorted(queue.get(timeout=5) for _ in workers)
     assert [cache_state for cache_state, _ in results] == ["hit", "miss"]
     assert results[0][1] == results[1][1]

@@ -9,33 +9,22 @@ parity, Phi-3's chat format and its end tokens, and the champion answers over HT
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import children
 import mlflow
 import numpy as np
 import pytest
 import requests
-from conftest import mlflow_run_command, project_env
-from fake_hub import FakeHub, folder_files
+from conftest import Phi3Checkpoint, hub_env, mlflow_run_command, project_env, report_line
+from fake_hub import FakeHub
 from mlflow import MlflowClient
-from phi3_family import (
-    END,
-    ENDOFTEXT,
-    STOP_AT_END,
-    STOP_AT_ENDOFTEXT,
-    SYSTEM,
-    VARIANTS,
-    Phi3Variant,
-    write_checkpoint,
-)
+from phi3_family import END, ENDOFTEXT, STOP_AT_END, STOP_AT_ENDOFTEXT, SYSTEM, VARIANTS
 
-from steps.onnx.build import build_inputs, build_onnx
 from steps.serving.processes import model_server
-from steps.store.snapshot_store import SnapshotStore
 
 # What both runtimes are compared on: a system prompt, an empty one (the 3.5 template leaves
 # it out), and a prompt past the LongRoPE variants' original context.
@@ -59,48 +48,8 @@ FAST = (
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    variant: Phi3Variant
-    folder: Path  # the weights' file set
-    export: Path  # the int4 CPU export's folder
-
-
-@pytest.fixture(scope="session")
-def phi3_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoint]:
-    """One checkpoint and one int4 export per variant, made once per session."""
-    root = tmp_path_factory.mktemp("phi3")
-    made = {}
-    for name, variant in VARIANTS.items():
-        folder = write_checkpoint(variant, root / name)
-        # The export's folder name says what Microsoft built; the builder makes RTN here (AWQ
-        # needs calibration data), with the block size the name says.
-        block = variant.cpu_export.subfolder.split("block-")[1].split("-")[0]
-        options = {"block_size": block} if block != "32" else {}
-        inputs = build_inputs(f"phi3-test-{name}", "int4", "cpu", options)
-        export = build_onnx(name, folder, inputs, SnapshotStore(root / "exports"))
-        made[name] = Checkpoint(variant, folder, export.model_dir)
-    return made
-
-
-@pytest.fixture(scope="session")
-def phi3_hub(phi3_checkpoints: dict[str, Checkpoint]) -> Iterator[FakeHub]:
-    repos, refs = {}, {}
-    for checkpoint in phi3_checkpoints.values():
-        v = checkpoint.variant
-        repos[v.repo_id] = {v.revision: folder_files(checkpoint.folder)}
-        export = v.cpu_export
-        repos[export.repo_id] = {
-            export.revision: folder_files(checkpoint.export, f"{export.subfolder}/")
-            | {"cuda/cuda-int4-rtn-block-32/model.onnx": b"not for this target"}
-        }
-        refs[v.repo_id] = {"main": v.revision}
-    with FakeHub(repos, refs) as hub:
-        yield hub
-
-
-@dataclass(frozen=True)
 class VariantRun:
-    checkpoint: Checkpoint
+    checkpoint: Phi3Checkpoint
     tracking_uri: str
     parent: mlflow.entities.Run
 
@@ -110,7 +59,7 @@ class VariantRun:
 
 @pytest.fixture(scope="session")
 def phi3_pipelines(
-    phi3_checkpoints: dict[str, Checkpoint], phi3_hub: FakeHub, tmp_path_factory
+    phi3_checkpoints: dict[str, Phi3Checkpoint], phi3_hub: FakeHub, tmp_path_factory
 ) -> dict[str, VariantRun]:
     """`mlflow run . -P model=<variant>` for the three variants at once (as three scheduled
     jobs would run), each into its own SQLite store and caches."""
@@ -118,21 +67,19 @@ def phi3_pipelines(
     for name in sorted(VARIANTS):
         tmp = tmp_path_factory.mktemp(name)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        env = project_env(
-            uri, HF_ENDPOINT=phi3_hub.url, HF_HOME=str(tmp / "hf"),
-            HF_HUB_DISABLE_TELEMETRY="1", TMPDIR=str(tmp),
-        )  # fmt: skip
+        env = project_env(uri, **hub_env(phi3_hub, tmp / "hf", TMPDIR=str(tmp)))
         overrides = f"wrap.onnx_source=both {FAST} fetch.cache_dir={tmp / 'cache'}"
         args = ("-P", f"model={name}", "-P", f"overrides={overrides}")
         command, cwd = mlflow_run_command(*args, env=env)
         log = tmp / "mlflow-run.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(command, env=env, cwd=cwd, stdout=sink, stderr=sink)
-        running[name] = (process, uri, log)
+        running[name] = (children.start(command, log, env=env, cwd=cwd), uri, log)
+    with children.reaped([process for process, _, _ in running.values()]):
+        codes = {
+            name: children.wait(process, 600, log) for name, (process, _, log) in running.items()
+        }
     runs = {}
-    for name, (process, uri, log) in running.items():
-        code = process.wait(timeout=900)
-        assert code == 0, f"{name}: mlflow run failed:\n{log.read_text()[-4000:]}"
+    for name, (_, uri, log) in running.items():
+        assert codes[name] == 0, f"{name}: mlflow run failed:\n{log.read_text()[-4000:]}"
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("e2e").experiment_id
         (parent,) = client.search_runs([experiment], "tags.`pipeline.step` = 'main'")
@@ -144,7 +91,7 @@ def phi3_pipelines(
         }
         took = {step: (info.end_time - info.start_time) / 1000 for step, info in steps.items()}
         print(f"\n{name}: step seconds {took}")
-    print(f"three pipelines at once: {time.monotonic() - started:.1f} s")
+    report_line(f"three Phi-3 pipelines at once: {time.monotonic() - started:.1f} s")
     return runs
 
 

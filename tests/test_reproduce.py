@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import children
 import mlflow
 import pytest
-from conftest import PROJECT_ROOT, mlflow_run, project_env
+from conftest import PROJECT_ROOT, hub_env, mlflow_run, project_env
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
@@ -127,36 +128,38 @@ def _greedy_answers(model_uri: str) -> list[str]:
 
 @pytest.mark.slow
 def test_reproduced_fetch_and_wrap_rebuild_the_same_bytes_and_answers(
-    throwaway_repo, bundled_fetch, session_cache: Path, tmp_path: Path
+    throwaway_repo, phi3_hub, tmp_path: Path
 ) -> None:
+    """On the tiny Phi-3 checkpoint from the loopback Hub: a download and a build take seconds
+    there, and prove the same as the real model's would."""
     repo, commit = throwaway_repo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # The original runs use the session's snapshot cache; the reproduction starts from an empty
-    # one, so it converts the model and builds the ONNX model again.
-    shared_xdg = tmp_path / "xdg-shared"
-    shared_xdg.mkdir()
-    (shared_xdg / "llm-to-mlflow").symlink_to(session_cache)
+    args = ("-P", "model=phi3-mini-4k", "-P", "overrides=wrap.onnx_source=build")
     original = {}
+    env = project_env(
+        uri, XDG_CACHE_HOME=str(tmp_path / "xdg-original"), **hub_env(phi3_hub, tmp_path / "hf")
+    )
     for step in ("fetch", "wrap_onnx"):
-        env = project_env(uri, XDG_CACHE_HOME=str(shared_xdg))
-        result = mlflow_run("-e", step, env=env, project=repo)
+        result = mlflow_run("-e", step, *args, env=env, project=repo, bound=300)
         assert result.returncode == 0, result.stderr[-3000:]
         original[step] = _latest_run(uri, step)
 
     reproduced = {}
+    # Empty caches: the reproduction downloads the weights and builds the ONNX model again.
     # TMPDIR: the printed command clones into `mktemp -d`, which would outlive the test.
-    fresh_env = project_env(uri, XDG_CACHE_HOME=str(tmp_path / "xdg-fresh"), TMPDIR=str(tmp_path))
+    fresh_env = project_env(
+        uri, XDG_CACHE_HOME=str(tmp_path / "xdg-fresh"), TMPDIR=str(tmp_path),
+        **hub_env(phi3_hub, tmp_path / "hf-fresh"),
+    )  # fmt: skip
     for step in ("fetch", "wrap_onnx"):
         run_id = original[step].info.run_id
-        printed = subprocess.run(
+        printed = children.run(
             [sys.executable, "-m", "steps", "reproduce", run_id, "--env-manager", "local"],
-            env=fresh_env, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False,
+            60, env=fresh_env, cwd=PROJECT_ROOT,
         )  # fmt: skip
         assert printed.returncode == 0, printed.stderr
         assert printed.stderr == "", printed.stderr  # a clean commit: no warning, no noise
-        result = subprocess.run(
-            ["bash", "-c", printed.stdout], env=fresh_env, capture_output=True, text=True
-        )
+        result = children.run(["bash", "-c", printed.stdout], 300, env=fresh_env)
         assert result.returncode == 0, result.stderr[-3000:]
         reproduced[step] = _latest_run(uri, step)
 

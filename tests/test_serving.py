@@ -44,7 +44,7 @@ class Served:
         )
 
 
-def chat(question: str, max_tokens: int = 32) -> dict:
+def chat(question: str, max_tokens: int = 12) -> dict:
     return {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
 
 
@@ -68,7 +68,7 @@ def test_a_chat_request_gets_an_openai_style_completion(served: Served) -> None:
     assert "Tokyo" in choice["message"]["content"]
     assert choice["finish_reason"] in ("stop", "length")
     usage = completion["usage"]
-    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 32
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 12
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
