@@ -274,15 +274,6 @@ def remote_tracking(
     server.close()
 
 
-def registry_state(client: MlflowClient, name: str) -> tuple[list, dict]:
-    """A registered model's versions (with their cards) and aliases."""
-    model = client.get_registered_model(name)
-    versions = sorted(
-        (v.version, v.description) for v in client.search_model_versions(f"name='{name}'")
-    )
-    return versions, dict(model.aliases)
-
-
 # The step the session pipeline's server is killed in: it uploads hundreds of MB there.
 UPLOADING = "logging the onnx chat model"
 
@@ -332,7 +323,7 @@ def remote_pipeline(
     1. cold, the wraps at the same time (main.parallel=true); the server killed as a wrap_onnx
        starts uploading and back 5 s later, which MLflow's client retries ride out;
     2. a wrap_onnx alone whose server is killed mid-upload and stays away past its (lowered)
-       retry budget: it must fail in one line and leave the registry as it was;
+       retry budget: it must fail in one line, and what it began stay unfinished;
     3. warm, sequential, with the server back: every step reused (main's options are not part
        of a step's inputs)."""
     server = remote_tracking

@@ -24,7 +24,6 @@ from conftest import (
     PipelineRuns,
     hub_env,
     mlflow_run_command,
-    registry_state,
     report_line,
     wait_for_line,
 )
@@ -113,6 +112,14 @@ def test_a_reader_of_the_experiment_is_refused_when_the_run_opens(
     assert "denied user 'experiment-reader'" in line
     assert "EDIT permission on experiment 'e2e'" in line
     assert seconds < REFUSED_WITHIN_S
+
+
+def registry_state(client: MlflowClient, name: str) -> tuple[list, dict]:
+    model = client.get_registered_model(name)
+    versions = sorted(
+        (v.version, v.description) for v in client.search_model_versions(f"name='{name}'")
+    )
+    return versions, dict(model.aliases)
 
 
 def test_a_reader_of_the_registered_model_registers_nothing(
