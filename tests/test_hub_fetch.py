@@ -198,6 +198,7 @@ def test_missing_repo_or_revision_is_a_clear_error(hub, store, compose, override
         _fetch(compose("model=phi3-mini-4k", *overrides), store)
 
 
+@pytest.mark.slow  # it waits out huggingface_hub's own retries, about 23 s
 def test_unreachable_hub_is_a_clear_error(store, compose, tmp_path, monkeypatch) -> None:
     with FakeHub(REPOS, REFS) as hub:
         hub.patch_client(monkeypatch, tmp_path / "hf-home")
