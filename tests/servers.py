@@ -151,11 +151,10 @@ class ServerSetup:
         return clean_env(MLFLOW_TRACKING_URI=self.uri, **(self.admin.env() | extra))
 
 
-@dataclass(frozen=True)
-class TrackingServer:
+class OnSetup:
+    """What a server tells from the setup it runs on."""
+
     setup: ServerSetup
-    process: subprocess.Popen
-    log: Path
 
     @property
     def uri(self) -> str:
@@ -171,6 +170,13 @@ class TrackingServer:
 
     def env(self, **extra: str) -> dict[str, str]:
         return self.setup.env(**extra)
+
+
+@dataclass(frozen=True)
+class TrackingServer(OnSetup):
+    setup: ServerSetup
+    process: subprocess.Popen
+    log: Path
 
 
 @contextlib.contextmanager
@@ -207,7 +213,7 @@ def tracking_server(setup: ServerSetup, log_name: str = "server.log") -> Iterato
         yield TrackingServer(setup, process, log)
 
 
-class RestartableServer:
+class RestartableServer(OnSetup):
     """A tracking server that tests kill and start again on the same setup (same port, databases
     and artifacts), as a crashed pod comes back: `process` and `log` are the current life's,
     `logs` every life's."""
@@ -240,18 +246,3 @@ class RestartableServer:
     @property
     def log(self) -> Path:
         return self.logs[-1]
-
-    @property
-    def uri(self) -> str:
-        return self.setup.uri
-
-    @property
-    def artifacts(self) -> Path:
-        return self.setup.artifacts
-
-    @property
-    def admin(self) -> Credentials:
-        return self.setup.admin
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return self.setup.env(**extra)
