@@ -62,6 +62,18 @@ def start(command: list[str], log: Path, **options) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, **options)
 
 
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, bound: float = 600) -> None:
+    """Until `text` is in the log of a running child (which must not end first)."""
+    deadline = time.monotonic() + time_left(bound)
+    while text not in log.read_text(errors="replace"):
+        if process.poll() is not None:
+            pytest.fail(f"{text!r} never came: the child ended first\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            kill_tree(process)
+            pytest.fail(f"{text!r} not in {log} after {bound} s: killed the child")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def reaped(processes: list[subprocess.Popen]) -> Iterator[list[subprocess.Popen]]:
     """Kill whatever of `processes` (the list may grow in the block) still runs when the block

@@ -90,18 +90,6 @@ def mlflow_run(
     return children.run(command, bound, env=env, cwd=cwd)
 
 
-def wait_for_line(log: Path, text: str, process: subprocess.Popen, bound: float = 600) -> None:
-    """Until `text` is in the log of a running child (which must not end first)."""
-    deadline = time.monotonic() + children.time_left(bound)
-    while text not in log.read_text(errors="replace"):
-        if process.poll() is not None:
-            pytest.fail(f"{text!r} never came: the child ended first\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            children.kill_tree(process)
-            pytest.fail(f"{text!r} not in {log} after {bound} s: killed the child")
-        time.sleep(0.2)
-
-
 def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     """The caller's environment without MLflow or Hub settings, with this interpreter's
     environment first on PATH (`mlflow run` resolves `python` from there)."""
@@ -182,12 +170,14 @@ def wrapped(
     uri = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
     env = project_env(uri)
     override = f"fetch.cache_dir={session_cache}"
-    client = MlflowClient(uri)
-    runs = {}
-    for step in ("fetch", "wrap_transformers", "wrap_onnx"):
+    steps = ("fetch", "wrap_transformers", "wrap_onnx")
+    for step in steps:
         result = mlflow_run("-e", step, "-P", f"overrides={override}", env=env)
         assert result.returncode == 0, (step, result.stderr[-3000:])
-        experiment = client.get_experiment_by_name("e2e").experiment_id
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("e2e").experiment_id
+    runs = {}
+    for step in steps:
         (runs[step],) = client.search_runs([experiment], f"tags.`pipeline.step` = '{step}'")
     overrides = (override, f"tracking.uri={uri}", "tracking.experiment=e2e")
     return WrappedModels(uri, runs, overrides)
@@ -236,11 +226,6 @@ def phi3_hub(phi3_checkpoints: dict[str, Phi3Checkpoint]) -> Iterator[FakeHub]:
         refs[v.repo_id] = {"main": v.revision}
     with FakeHub(repos, refs) as hub:
         yield hub
-
-
-def hub_env(hub: FakeHub, home: Path, **extra: str) -> dict[str, str]:
-    """What points the Hub client at the loopback Hub."""
-    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"} | extra
 
 
 @pytest.fixture(scope="session")
@@ -305,7 +290,7 @@ class PipelineRuns:
 def _lose_the_server_mid_upload(server: RestartableServer, process, log: Path) -> float:
     """Kill the server as the child starts uploading a model; bring it back 5 s later. Returns
     how long it was away."""
-    wait_for_line(log, UPLOADING, process)
+    children.wait_for_line(log, UPLOADING, process)
     went = server.kill()
     time.sleep(5)
     server.start()
@@ -351,7 +336,7 @@ def remote_pipeline(
         logs / "lone-wrap_onnx.log", cwd=PROJECT_ROOT,
         env=env | {"MLFLOW_EXPERIMENT_NAME": "lost-server", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"},
     )  # fmt: skip
-    wait_for_line(logs / "lone-wrap_onnx.log", UPLOADING, lone)
+    children.wait_for_line(logs / "lone-wrap_onnx.log", UPLOADING, lone)
     server.kill()
     assert children.wait(lone, 300, logs / "lone-wrap_onnx.log") != 0
     server.start()

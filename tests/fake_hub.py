@@ -144,6 +144,13 @@ class FakeHub:
         with self._lock:
             self._drops[(repo, path)] = after_bytes
 
+    def env(self, hf_home: Path, **extra: str) -> dict[str, str]:
+        """What points a child process's Hub client here (its cache in `hf_home`, no
+        telemetry), with `extra` on top."""
+        return {
+            "HF_ENDPOINT": self.url, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1",
+        } | extra  # fmt: skip
+
     def patch_client(self, monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> None:
         """Point the already-imported client here and isolate cache, token and telemetry.
 

@@ -31,16 +31,12 @@ def _only_run(experiment: str = "e2e"):
     return runs[0]
 
 
-def _git_head() -> str:
-    return subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True)
 
 
 def _git_dirty() -> str:
-    status = subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain"], capture_output=True, text=True
-    )
+    status = _git("status", "--porcelain")
     return "unknown" if status.returncode else str(bool(status.stdout.strip())).lower()
 
 
@@ -58,7 +54,7 @@ def test_mlflow_run_fetch_records_what_was_fetched(
     assert params["model.source.sha256"] == bundled_fetch.manifest.source["sha256"]
     assert params["fetch.cache_dir"] == str(session_cache)
     assert tags["pipeline.step"] == "fetch"
-    assert tags["git.commit"] == (_git_head() or "unknown")
+    assert tags["git.commit"] == (_git("rev-parse", "HEAD").stdout.strip() or "unknown")
     assert tags["git.dirty"] == _git_dirty()
     assert tags["versions.mlflow"] == mlflow.__version__
     assert tags["versions.transformers"]
@@ -95,13 +91,7 @@ def test_hf_token_never_reaches_the_run_or_its_logs(tracking_uri: str, tmp_path:
             f"model.source.repo_id={GATED_REPO} model.source.revision={GATED_COMMIT} "
             f"fetch.cache_dir={tmp_path / 'cache'}"
         )
-        env = project_env(
-            tracking_uri,
-            HF_TOKEN=TOKEN,
-            HF_ENDPOINT=hub.url,
-            HF_HOME=str(tmp_path / "hf-home"),
-            HF_HUB_DISABLE_TELEMETRY="1",
-        )
+        env = project_env(tracking_uri, **hub.env(tmp_path / "hf-home", HF_TOKEN=TOKEN))
         result = mlflow_run(
             "-e", "fetch", "-P", "model=phi3-mini-4k", "-P", f"overrides={overrides}", env=env
         )

@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import pytest
 import requests
-from conftest import Phi3Checkpoint, hub_env, mlflow_run_command, project_env, report_line
+from conftest import Phi3Checkpoint, mlflow_run_command, project_env, report_line
 from fake_hub import FakeHub
 from mlflow import MlflowClient
 from phi3_family import END, ENDOFTEXT, STOP_AT_END, STOP_AT_ENDOFTEXT, SYSTEM, VARIANTS
@@ -67,7 +67,7 @@ def phi3_pipelines(
     for name in sorted(VARIANTS):
         tmp = tmp_path_factory.mktemp(name)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        env = project_env(uri, **hub_env(phi3_hub, tmp / "hf", TMPDIR=str(tmp)))
+        env = project_env(uri, **phi3_hub.env(tmp / "hf", TMPDIR=str(tmp)))
         overrides = f"wrap.onnx_source=both {FAST} fetch.cache_dir={tmp / 'cache'}"
         args = ("-P", f"model={name}", "-P", f"overrides={overrides}")
         command, cwd = mlflow_run_command(*args, env=env)

@@ -11,7 +11,7 @@ from pathlib import Path
 import children
 import mlflow
 import pytest
-from conftest import PROJECT_ROOT, hub_env, mlflow_run, project_env
+from conftest import PROJECT_ROOT, mlflow_run, project_env
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
@@ -137,7 +137,7 @@ def test_reproduced_fetch_and_wrap_rebuild_the_same_bytes_and_answers(
     args = ("-P", "model=phi3-mini-4k", "-P", "overrides=wrap.onnx_source=build")
     original = {}
     env = project_env(
-        uri, XDG_CACHE_HOME=str(tmp_path / "xdg-original"), **hub_env(phi3_hub, tmp_path / "hf")
+        uri, XDG_CACHE_HOME=str(tmp_path / "xdg-original"), **phi3_hub.env(tmp_path / "hf")
     )
     for step in ("fetch", "wrap_onnx"):
         result = mlflow_run("-e", step, *args, env=env, project=repo, bound=300)
@@ -149,7 +149,7 @@ def test_reproduced_fetch_and_wrap_rebuild_the_same_bytes_and_answers(
     # TMPDIR: the printed command clones into `mktemp -d`, which would outlive the test.
     fresh_env = project_env(
         uri, XDG_CACHE_HOME=str(tmp_path / "xdg-fresh"), TMPDIR=str(tmp_path),
-        **hub_env(phi3_hub, tmp_path / "hf-fresh"),
+        **phi3_hub.env(tmp_path / "hf-fresh"),
     )  # fmt: skip
     for step in ("fetch", "wrap_onnx"):
         run_id = original[step].info.run_id

@@ -22,10 +22,8 @@ from conftest import (
     PROJECT_ROOT,
     REGISTERED,
     PipelineRuns,
-    hub_env,
     mlflow_run_command,
     report_line,
-    wait_for_line,
 )
 from mlflow import MlflowClient
 from mlflow.server import get_app_client
@@ -242,7 +240,7 @@ def test_three_overlapping_pipelines_end_as_if_run_one_after_another(
     while both still run."""
     cache = f"fetch.cache_dir={tmp_path / 'cache'}"
     env = overlap_server.env(
-        MLFLOW_EXPERIMENT_NAME="overlap", **hub_env(phi3_hub, tmp_path / "hf", TMPDIR=str(tmp_path))
+        MLFLOW_EXPERIMENT_NAME="overlap", **phi3_hub.env(tmp_path / "hf", TMPDIR=str(tmp_path))
     )
     # The schedules' experiment exists (`mlflow run` creates a missing one without minding a
     # concurrent create: the very first runs of an experiment must not overlap).
@@ -255,7 +253,9 @@ def test_three_overlapping_pipelines_end_as_if_run_one_after_another(
     started = time.monotonic()
     pipelines = [start("nightly", "int8"), start("variant", "fp32")]
     with children.reaped([p.process for p in pipelines]) as processes:
-        wait_for_line(pipelines[0].log, "step wrap_transformers: running", pipelines[0].process)
+        children.wait_for_line(
+            pipelines[0].log, "step wrap_transformers: running", pipelines[0].process
+        )
         pipelines.append(start("manual", "int8"))
         processes.append(pipelines[-1].process)
         codes = {p.label: children.wait(p.process, 600, p.log) for p in pipelines}
