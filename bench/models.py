@@ -18,6 +18,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from steps import main as pipeline
+from steps.config import plan
 from steps.config.compose import compose_config
 from steps.config.onnx_builds import OnnxBuildSpec, parse_build_spec
 from steps.config.schema import PipelineConfig, Runtime, SourceKind, model_label
@@ -42,7 +43,7 @@ class BenchModels:
     @property
     def onnx_variant(self) -> str:
         """The variant the wrap_onnx model was built as, in `variant` notation."""
-        return self.cfg.onnx_build.spec
+        return plan.wrap_onnx_build(self.cfg).spec
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,7 +59,7 @@ def markdown(result: EvaluateResult) -> str:
         f"{result.eval_set.name}; fidelity on {result.fidelity_text.name}; the last column is "
         "register's fastest_faithful verdict.\n\n"
         + candidates_table(
-            result.summaries, result.reference, result.selection.reasons, result.answers
+            result.summaries, result.reference, result.selection.verdicts, result.answers
         )
     )
 
@@ -92,7 +92,7 @@ def main() -> None:
         "reference": result.reference,
         "chosen": result.selection.chosen,
         "results": result.summaries,
-        "verdicts": result.selection.reasons,
+        "verdicts": result.selection.verdicts,
     }
     metrics = {
         f"{label}.{key}": summary[key]

@@ -47,15 +47,14 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.dataset import Dataset
-from mlflow.entities import LoggedModel
 
+from steps.config import plan
 from steps.config.compose import project_path
-from steps.config.schema import WRAP_STEPS, PipelineConfig
+from steps.config.schema import PipelineConfig
 from steps.errors import PipelineError
-from steps.evaluation import fidelity
 from steps.evaluation.asking import answered_by, ask_candidates
 from steps.evaluation.evalset import EvalSet, load_eval_set
-from steps.evaluation.fidelity import FidelityText, load_fidelity_text
+from steps.evaluation.fidelity import FidelityText, load_fidelity_text, score_models
 from steps.evaluation.measure import CandidateResult, model_folder
 from steps.evaluation.report import (
     CANDIDATE_ANSWERS,
@@ -63,7 +62,6 @@ from steps.evaluation.report import (
     MODEL_LIST_METRICS,
     SPEED_CHART,
     candidate_rows,
-    candidates_table,
     comparison_chart,
     flips,
     parity,
@@ -73,10 +71,10 @@ from steps.evaluation.report import (
     summary_markdown,
 )
 from steps.evaluation.selection import Selection, fastest_faithful, plan_asking
-from steps.tracking.lineage import finished_run, latest_finished_run
-from steps.tracking.models import EvaluatedModel, LoggedChatModel
-from steps.tracking.notes import artifact_image, link_models, model_link, run_link, set_note
-from steps.tracking.runs import run_name, step_run
+from steps.tracking.lineage import find_candidates
+from steps.tracking.models import CANDIDATES_FILE, EvaluatedModel, LoggedChatModel
+from steps.tracking.pages import EvaluatedSets, evaluation_page, link_models, set_note
+from steps.tracking.runs import step_run
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +107,7 @@ class EvaluateResult:
     def evaluated(self) -> list[EvaluatedModel]:
         return [
             EvaluatedModel(
-                c, self.summaries[c.label], self.selection.reasons[c.label],
+                c, self.summaries[c.label], self.selection.verdicts[c.label],
                 self.answers.get(c.label, ""),
             )
             for c in self.candidates
@@ -119,53 +117,8 @@ class EvaluateResult:
         return per_item_rows(self.eval_set, self.results)
 
 
-def with_unique_labels(models: list[LoggedChatModel]) -> list[LoggedChatModel]:
-    """Two candidates of one label (two runs of one build) are told apart by their run ids."""
-    seen: set[str] = set()
-    unique = []
-    for model in models:
-        label = model.label
-        if label in seen:
-            label = f"{label}-{(model.wrap_run_id or model.model_uri)[-8:]}"
-        seen.add(label)
-        unique.append(dataclasses.replace(model, label=label))
-    return unique
-
-
-def find_candidates(cfg: PipelineConfig, experiment_id: str) -> list[LoggedChatModel]:
-    if cfg.evaluate.wrap_run_ids:
-        runs = [
-            finished_run(run_id, WRAP_STEPS, "evaluate.wrap_run_ids")
-            for run_id in cfg.evaluate.wrap_run_ids
-        ]
-    else:
-        scope = (
-            f"tags.`pipeline.model` = '{cfg.model.name}' and "
-            f"tags.`pipeline.compute` = '{cfg.compute.name}'"
-        )
-        found = [
-            latest_finished_run(
-                cfg, experiment_id, f"wrap_{runtime.value}",
-                f"{scope} and tags.`model.label` = '{label}'",
-            )
-            for runtime, label in cfg.planned_candidates
-        ]  # fmt: skip
-        runs = [run for run in found if run is not None]
-    if not runs:
-        raise PipelineError(
-            f"no finished wrap runs of model={cfg.model.name} compute={cfg.compute.name} in "
-            f"experiment {experiment_id}: run wrap_transformers and wrap_onnx first, or set "
-            "evaluate.wrap_run_ids"
-        )
-    return with_unique_labels([LoggedChatModel.from_run(run) for run in runs])
-
-
-def dataset_path(cfg: PipelineConfig) -> Path:
-    return project_path(cfg.evaluate.dataset)
-
-
 def reference_of(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> LoggedChatModel:
-    wanted = cfg.reference_label
+    wanted = plan.reference_label(cfg)
     for candidate in candidates:
         if candidate.label == wanted:
             return candidate
@@ -175,37 +128,11 @@ def reference_of(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> Logg
     )
 
 
-def score_fidelity(
-    cfg: PipelineConfig, text: FidelityText, reference: LoggedChatModel,
-    candidates: list[LoggedChatModel], folders: dict[str, Path],
-) -> tuple[dict[str, dict[str, float]], dict[str, float]]:  # fmt: skip
-    """All candidates loaded at once, so that the reference runs each window once. Returns the
-    scores and each model's loading seconds."""
-    with contextlib.ExitStack() as stack:
-        models, loading = {}, {}
-        for c in candidates:
-            started = time.perf_counter()
-            models[c.label] = stack.enter_context(
-                fidelity.loaded(c.runtime.value, folders[c.label])
-            )
-            loading[c.label] = time.perf_counter() - started
-        stream = fidelity.token_stream(text, models[reference.label])
-        windows = fidelity.windows(
-            stream, cfg.evaluate.fidelity.window, cfg.evaluate.fidelity.scored_tokens
-        )
-        log.info(
-            "fidelity: %d windows of %d tokens from %s (%d tokens), against %s",
-            len(windows), cfg.evaluate.fidelity.window, text.name, len(stream), reference.label,
-        )  # fmt: skip
-        scores = fidelity.score(models[reference.label], models, windows)
-    return scores, loading
-
-
 def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResult:
     """Score every candidate against the reference on the fidelity text, then ask the
     evaluation set of those that can still be chosen, and summarize; needs the store that holds
     the models, not an open run."""
-    eval_set = load_eval_set(dataset_path(cfg), cfg.evaluate.max_items)
+    eval_set = load_eval_set(project_path(cfg.evaluate.dataset), cfg.evaluate.max_items)
     text = load_fidelity_text(project_path(cfg.evaluate.fidelity.text))
     reference = reference_of(cfg, candidates)
     log.info(
@@ -223,7 +150,11 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
         # Fidelity first: it is cheap, it checks the text against the tokenizer before minutes
         # of asking, and it decides who is worth asking.
         started = time.perf_counter()
-        scores, fidelity_loading = score_fidelity(cfg, text, reference, candidates, folders)
+        runtimes = {c.label: (c.runtime.value, folders[c.label]) for c in candidates}
+        scores, fidelity_loading = score_models(
+            text, reference.label, runtimes, cfg.evaluate.fidelity.window,
+            cfg.evaluate.fidelity.scored_tokens,
+        )  # fmt: skip
         fidelity_wall = time.perf_counter() - started
         plan = plan_asking(scores, reference.label, cfg.evaluate, cfg.register)
         for label, why in plan.not_asked.items():
@@ -327,56 +258,16 @@ def log_charts(result: EvaluateResult) -> None:
             mlflow.log_artifact(str(chart), "eval")
 
 
-def evaluation_note(
-    cfg: PipelineConfig, result: EvaluateResult, models: dict[str, LoggedModel], run_id: str
-) -> str:
-    """The evaluate run's description: the choice and why, every candidate's row, the chart, and
-    links to the runs and models it evaluated."""
-    chosen = result.selection.chosen
-    text = result.fidelity_text
-    lines = [
-        f"## {cfg.model.display_name} on {cfg.compute.name}: {chosen}",
-        "",
-        f"**{chosen}** is what register's fastest_faithful policy chooses: "
-        f"{result.selection.reasons[chosen].removeprefix('chosen: ')}. Each candidate was scored "
-        f"token by token against the reference **{result.reference}** on `{text.name}`; "
-        f"those that can still be chosen then answered `{result.eval_set.name}` "
-        f"({len(result.eval_set.items)} questions; the answers column says who answered).",
-        "",
-        candidates_table(
-            result.summaries, result.reference, result.selection.reasons, result.answers
-        ),
-        "",
-        artifact_image(run_id, SPEED_CHART, "decode rate against fidelity"),
-        "",
-        "### What it evaluated",
-        "",
-    ]
-    fetch_runs = sorted({m.tags.get("fetch.run_id", "") for m in models.values()} - {""})
-    lines += [f"- fetch: {run_link(fetch_run)}" for fetch_run in fetch_runs]
-    lines += [
-        f"- {c.label}: {model_link(models[c.label])}, logged by "
-        f"{run_link(c.wrap_run_id or models[c.label].source_run_id)}"
-        for c in result.candidates
-    ]
-    lines += [
-        "",
-        "Per-item answers: `eval/items.json`; every metric: `eval/summary.md`; charts: "
-        f"`{COMPARISON_CHART}`, `{SPEED_CHART}` (Artifacts).",
-    ]
-    return "\n".join(lines)
-
-
 def log_result(cfg: PipelineConfig, result: EvaluateResult, run_id: str) -> None:
     datasets = log_datasets(result.eval_set, result.fidelity_text)
     mlflow.set_tag("evaluate.reference", result.reference)
     mlflow.log_metrics(result.metrics)
     mlflow.log_table(pd.DataFrame(result.item_rows()), "eval/items.json")
     summary_frame = pd.DataFrame(result.summaries).T.rename_axis("model").reset_index()
-    summary_frame["verdict"] = summary_frame["model"].map(result.selection.reasons)
+    summary_frame["verdict"] = summary_frame["model"].map(result.selection.verdicts)
     mlflow.log_table(summary_frame, "eval/summary.json")
     mlflow.log_text(summary_markdown(result.summaries, result.selection), "eval/summary.md")
-    mlflow.log_dict([e.to_dict() for e in result.evaluated], "eval/candidates.json")
+    mlflow.log_dict([e.to_dict() for e in result.evaluated], CANDIDATES_FILE)
     log_charts(result)
     client = MlflowClient()
     models = {c.label: client.get_logged_model(c.model_id) for c in result.candidates}
@@ -387,10 +278,17 @@ def log_result(cfg: PipelineConfig, result: EvaluateResult, run_id: str) -> None
         started = time.perf_counter()
         log_candidate(
             result, candidate, measured.get(candidate.label), datasets,
-            run_name("evaluate", cfg, candidate.label),
+            plan.run_name("evaluate", cfg, candidate.label),
         )  # fmt: skip
         logging_seconds[f"{candidate.label}.seconds.logging"] = time.perf_counter() - started
-    set_note(run_id, evaluation_note(cfg, result, models, run_id))
+    measured_on = EvaluatedSets(
+        result.eval_set.name, len(result.eval_set.items), result.fidelity_text.name
+    )
+    page = evaluation_page(
+        cfg, result.evaluated, result.reference, result.selection.chosen, measured_on, models,
+        run_id,
+    )  # fmt: skip
+    set_note(run_id, page)
     mlflow.log_metrics(logging_seconds)
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import mlflow
 
+from steps.config import plan
 from steps.config.schema import (
     ComputeConfig,
-    FetchArtifact,
     OnnxProvider,
     OnnxSource,
     PipelineConfig,
@@ -85,23 +85,6 @@ def check_provider(compute: ComputeConfig) -> None:
         )
 
 
-def onnx_source(cfg: PipelineConfig) -> OnnxSource:
-    """Where this run's one ONNX model comes from: a build, or the prebuilt export."""
-    if cfg.resolved_onnx_source is OnnxSource.both:
-        raise PipelineError(
-            "wrap.onnx_source=both is for main (the builds and the prebuilt export side by "
-            "side); a wrap_onnx run makes one model: use wrap.onnx_source=build or prebuilt"
-        )
-    return cfg.resolved_onnx_source
-
-
-def fetch_artifact(cfg: PipelineConfig) -> FetchArtifact:
-    """What this step builds on: the prebuilt export's fetch, or the weights' fetch."""
-    if onnx_source(cfg) is OnnxSource.prebuilt:
-        return FetchArtifact.prebuilt_onnx
-    return FetchArtifact.weights
-
-
 def link_or_copy(source: str, destination: str) -> None:
     try:
         # Linux's link() would link the symlink itself (os.link does not follow it there).
@@ -137,16 +120,15 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
     """Build (or take the prebuilt) ONNX folder of a fetched snapshot and log it as a chat model
     into the current experiment (and the active run, if one is open)."""
     started = time.monotonic()
-    source = onnx_source(cfg)
+    source = plan.wrap_onnx_source(cfg)
+    precision = plan.wrap_onnx_precision(cfg)
     snapshot = fetched.snapshot
     if source is OnnxSource.prebuilt:
         folder, manifest, cache, seconds = (
             snapshot.model_dir, snapshot.manifest, snapshot.cache, snapshot.seconds,
         )  # fmt: skip
-        precision = cfg.prebuilt_onnx_precision
     else:
-        build = cfg.onnx_build
-        precision = build.name
+        build = plan.wrap_onnx_build(cfg)
         check_buildable(snapshot.model_dir)
         inputs = build_inputs(
             snapshot.manifest.snapshot_id,
@@ -186,7 +168,7 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
 def main(cfg: PipelineConfig) -> WrapResult:
     with step_run("wrap_onnx", cfg) as active:
         check_provider(cfg.compute)
-        fetched = fetched_snapshot(cfg, active.info.experiment_id, fetch_artifact(cfg))
+        fetched = fetched_snapshot(cfg, active.info.experiment_id, plan.wrap_onnx_fetch(cfg))
         result = run(cfg, fetched)
         log_wrap_result(result, model_key(cfg, result.tags))
         return result

@@ -22,6 +22,7 @@ from typing import Any
 
 import mlflow
 
+from steps.config import plan
 from steps.config.schema import (
     ComputeConfig,
     GenerationConfig,
@@ -144,7 +145,7 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
     chat = build_pipeline(
         snapshot.model_dir, cfg.compute, cfg.model.source.repo_id if reference else None
     )
-    precision = cfg.compute.torch_dtype.precision
+    precision = plan.transformers_precision(cfg)
     tags = model_tags(
         RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
         snapshot.manifest.snapshot_id,

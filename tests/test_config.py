@@ -11,8 +11,16 @@ from conftest import PROJECT_ROOT
 
 from steps.__main__ import hydra_overrides
 from steps.__main__ import main as launch
+from steps.config import plan
 from steps.config.compose import compose_config, group_options
-from steps.config.schema import STEP_ORDER, FetchArtifact, OnnxPrecision, OnnxProvider, SourceKind
+from steps.config.schema import (
+    STEP_ORDER,
+    FetchArtifact,
+    OnnxPrecision,
+    OnnxProvider,
+    PipelineConfig,
+    SourceKind,
+)
 from steps.errors import ConfigError
 
 MODELS = group_options("model")
@@ -143,22 +151,26 @@ def test_builder_options_are_added_one_override_each() -> None:
     assert cfg.wrap.onnx_builder_options == {"algo_config": "k_quant_last", "block_size": "64"}
 
 
+def labels(cfg: PipelineConfig) -> list[str]:
+    return [model.label for model in plan.planned_models(cfg)]
+
+
 def test_the_cpu_sweep_holds_fp32_int8_and_two_int4_builds() -> None:
     cfg = compose_config([])
-    assert cfg.candidate_labels == [
+    assert labels(cfg) == [
         "transformers-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "onnx-int4-k_quant_last",
     ]  # fmt: skip
-    assert cfg.reference_label == "transformers-fp32"
+    assert plan.reference_label(cfg) == "transformers-fp32"
     # A wrap_onnx run alone builds one spec; the prebuilt export is the only ONNX candidate.
     single = compose_config(["wrap.onnx_build='int4:algo_config=k_quant_last,block_size=64'"])
-    assert single.onnx_build.name == "int4-k_quant_last-64"
+    assert plan.wrap_onnx_build(single).name == "int4-k_quant_last-64"
     phi3 = compose_config(["model=phi3-mini-4k"])
-    assert phi3.candidate_labels == [
+    assert labels(phi3) == [
         "transformers-fp32", "onnx-cpu-int4-rtn-block-32-acc-level-4",
     ]  # fmt: skip
-    assert compose_config(["compute=cuda"]).reference_label == "transformers-fp16"
+    assert plan.reference_label(compose_config(["compute=cuda"])) == "transformers-fp16"
     both = compose_config(["model=phi3-mini-4k", "wrap.onnx_source=both"])
-    assert both.candidate_labels == [
+    assert labels(both) == [
         "transformers-fp32", "onnx-fp32", "onnx-int8", "onnx-int4", "onnx-int4-k_quant_last",
         "onnx-cpu-int4-rtn-block-32-acc-level-4",
     ]  # fmt: skip

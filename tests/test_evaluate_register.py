@@ -10,16 +10,14 @@ import pytest
 from mlflow import MlflowClient
 
 from steps import register
-from steps.config.compose import compose_config
+from steps.config.compose import compose_config, project_path
 from steps.config.schema import Choice, Runtime
 from steps.errors import PipelineError
-from steps.evaluate import dataset_path
 from steps.evaluation.asking import answered_by
 from steps.evaluation.evalset import is_correct, load_eval_set
 from steps.evaluation.measure import CandidateResult, ItemResult, same_answers, take_shared_answers
 from steps.evaluation.report import parity, summarize
-from steps.evaluation.selection import AskPlan
-from steps.register import choose, gate_failures, pick_alias
+from steps.evaluation.selection import AskPlan, alias_for, choose, gate_failures
 from steps.tracking.models import EvaluatedModel, LoggedChatModel
 
 WRONG_REPLIES = ["I don't know.", "", "Banana.", "The answer is 1000001."]
@@ -27,7 +25,7 @@ WRONG_REPLIES = ["I don't know.", "", "Banana.", "The answer is 1000001."]
 
 @pytest.fixture(scope="module")
 def eval_set():
-    return load_eval_set(dataset_path(compose_config([])))
+    return load_eval_set(project_path(compose_config([]).evaluate.dataset))
 
 
 def test_shipped_set_is_versioned_mixed_and_large_enough_to_show_a_difference(eval_set) -> None:
@@ -123,6 +121,13 @@ def _evaluated(runtime: Runtime, precision: str, accuracy: float, tokens_per_s: 
     return EvaluatedModel.from_dict(entry)
 
 
+def pick(candidates: list[EvaluatedModel], how: Choice, gate) -> tuple[str, dict[str, str]]:
+    """register.choose's label and verdicts among these candidates, against transformers-fp32."""
+    summaries = {c.model.label: c.summary for c in candidates}
+    runtimes = {c.model.label: c.model.runtime for c in candidates}
+    return choose(summaries, runtimes, how, "transformers-fp32", gate)
+
+
 def test_best_is_accuracy_first_then_speed() -> None:
     candidates = [
         _evaluated(Runtime.transformers, "fp32", 0.4, 15.0),
@@ -132,7 +137,7 @@ def test_best_is_accuracy_first_then_speed() -> None:
     gate = compose_config([]).register
 
     def chosen(how: Choice, among=candidates) -> str:
-        return choose(among, how, "transformers-fp32", gate)[0].model.label
+        return pick(among, how, gate)[0]
 
     assert chosen(Choice.best) == "onnx-fp32"
     assert chosen(Choice.transformers) == "transformers-fp32"
@@ -153,12 +158,12 @@ def test_register_ranks_only_the_candidates_that_were_asked() -> None:
     assert not_asked.answers == "not asked"
     gate = compose_config([]).register
     candidates = [asked, not_asked]
-    assert choose(candidates, Choice.best, "transformers-fp32", gate)[0] is asked
+    assert pick(candidates, Choice.best, gate)[0] == asked.model.label
     with pytest.raises(PipelineError, match="every such candidate failed fidelity and was not"):
-        choose(candidates, Choice.onnx, "transformers-fp32", gate)
-    chosen, reasons = choose(candidates, Choice.fastest_faithful, "transformers-fp32", gate)
-    assert chosen is asked
-    assert reasons["onnx-int4"].startswith("not asked: failed fidelity (mean KLD 0.3400")
+        pick(candidates, Choice.onnx, gate)
+    chosen, verdicts = pick(candidates, Choice.fastest_faithful, gate)
+    assert chosen == asked.model.label
+    assert verdicts["onnx-int4"].startswith("not asked: failed fidelity (mean KLD 0.3400")
 
 
 def test_gate_and_aliases() -> None:
@@ -170,11 +175,11 @@ def test_gate_and_aliases() -> None:
         version="1", tags={"metrics.accuracy": "0.4", "metrics.tokens_per_s": "20"}
     )
     better, worse = {"accuracy": 0.5, "tokens_per_s": 1.0}, {"accuracy": 0.4, "tokens_per_s": 10.0}
-    assert pick_alias(False, None, "1", worse) == "champion"
-    assert pick_alias(False, champion, "2", better) == "champion"
-    assert pick_alias(False, champion, "2", worse) == "challenger"
-    assert pick_alias(False, champion, "1", worse) == "champion"  # re-registering the champion
-    assert pick_alias(True, None, "1", better) == "challenger"
+    assert alias_for(True, None, "1", worse) == "champion"
+    assert alias_for(True, champion, "2", better) == "champion"
+    assert alias_for(True, champion, "2", worse) == "challenger"
+    assert alias_for(True, champion, "1", worse) == "champion"  # re-registering the champion
+    assert alias_for(False, None, "1", better) == "challenger"
 
 
 def test_evaluate_defaults_to_the_latest_wrap_runs(wrapped, compose) -> None:
@@ -236,7 +241,7 @@ def test_register_run_chooses_gates_and_names_without_mlflow(compose) -> None:
         compose("model=phi3-mini-4k", "compute=k8s-cuda"), candidates, "transformers-fp32"
     )
     assert passed.gate == "passed" and passed.registered_name == "phi3-mini-4k-transformers-cuda"
-    assert "not scored against the reference" in passed.reasons["onnx-int4"]
+    assert "not scored against the reference" in passed.verdicts["onnx-int4"]
 
 
 def test_evaluate_run_needs_no_mlflow_run(wrapped, compose) -> None:

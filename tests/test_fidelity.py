@@ -139,14 +139,14 @@ def test_fastest_faithful_takes_the_fastest_build_that_passes() -> None:
     }
     selection = fastest_faithful(summaries, "transformers-fp32", gate)
     assert selection.chosen == "onnx-int8"
-    assert "mean KLD 0.3300 > max_kld_mean" in selection.reasons["onnx-int4"]
-    assert "accuracy significantly below the reference" in selection.reasons["onnx-int8-lossy"]
-    assert selection.reasons["onnx-fp32"].startswith("passes, but slower")
+    assert "mean KLD 0.3300 > max_kld_mean" in selection.verdicts["onnx-int4"]
+    assert "accuracy significantly below the reference" in selection.verdicts["onnx-int8-lossy"]
+    assert selection.verdicts["onnx-fp32"].startswith("passes, but slower")
     nothing_passes = {k: v for k, v in summaries.items() if k in ("transformers-fp32", "onnx-int4")}
     nothing_passes["transformers-fp32"] = dict(nothing_passes["transformers-fp32"], accuracy=0.0)
     fallback = fastest_faithful(nothing_passes, "transformers-fp32", gate)
     assert fallback.chosen == "transformers-fp32"
-    assert "no candidate passes" in fallback.reasons["transformers-fp32"]
+    assert "no candidate passes" in fallback.verdicts["transformers-fp32"]
 
 
 def test_main_refuses_a_short_text_and_builds_outside_the_sweep_before_any_step(
@@ -205,4 +205,4 @@ def test_a_candidate_not_asked_fails_the_gate_and_says_why() -> None:
     selection = fastest_faithful(summaries, "transformers-fp32", gate)
     assert selection.chosen == "onnx-int8"
     assert selection.failures["onnx-int4"]
-    assert selection.reasons["onnx-int4"].startswith("not asked: failed fidelity (mean KLD 0.3400")
+    assert selection.verdicts["onnx-int4"].startswith("not asked: failed fidelity (mean KLD 0.3400")

@@ -7,17 +7,15 @@ import hashlib
 
 import pytest
 
-from steps.config.compose import compose_config, resolved_config_yaml
-from steps.main import (
-    MainResult,
-    Step,
-    as_overrides,
+from steps.config import plan
+from steps.config.compose import (
     child_base_config,
-    pipeline_steps,
-    step_config_sha256,
-    step_times,
-    upstream_settings,
+    child_config_digest,
+    compose_config,
+    resolved_config_yaml,
 )
+from steps.config.plan import Step, as_overrides, pipeline_steps, upstream_settings
+from steps.main import MainResult, step_times
 
 UPSTREAM = {
     "fetch": "83131247e7264ed385b25a05203eb959",
@@ -28,20 +26,22 @@ UPSTREAM = {
 }
 BASE = ["model=smollm2-135m", "compute=cpu", "fetch.cache_dir=/tmp/cache"]
 STEPS = {step.name: step for step in pipeline_steps(compose_config(BASE))}
+# The runs each step hands on, by step (as main keeps them).
+UPSTREAM_RUNS = {STEPS[name]: run_id for name, run_id in UPSTREAM.items()}
 
 
 @pytest.mark.parametrize("step", list(STEPS))
 def test_predicted_config_hash_equals_the_childs(step: str) -> None:
     # main's own config, with its own options set: the children must not inherit them.
     parent = compose_config([*BASE, "main.steps=[evaluate,register]", "main.rerun=true"])
-    settings = upstream_settings(STEPS[step], UPSTREAM)
-    predicted = step_config_sha256(child_base_config(parent), settings)
+    settings = upstream_settings(STEPS[step], UPSTREAM_RUNS)
+    predicted = child_config_digest(child_base_config(parent), settings)
     child = compose_config(BASE + as_overrides(settings))
     assert predicted == hashlib.sha256(resolved_config_yaml(child).encode()).hexdigest()
 
 
 def settings_of(step: Step) -> list[str]:
-    return BASE + as_overrides(upstream_settings(step, UPSTREAM))
+    return BASE + as_overrides(upstream_settings(step, UPSTREAM_RUNS))
 
 
 def test_upstream_run_ids_reach_each_step_as_strings() -> None:
@@ -49,8 +49,8 @@ def test_upstream_run_ids_reach_each_step_as_strings() -> None:
     assert evaluate.evaluate.wrap_run_ids == ["1e5", "12345", "67890"]
     wrap = compose_config(settings_of(STEPS["wrap_onnx.int4-k_quant_last"]))
     assert wrap.wrap.fetch_run_id == UPSTREAM["fetch"]
-    assert wrap.onnx_build.name == "int4-k_quant_last"
-    assert wrap.onnx_build.options == {"algo_config": "k_quant_last"}
+    assert plan.wrap_onnx_build(wrap).name == "int4-k_quant_last"
+    assert plan.wrap_onnx_build(wrap).options == {"algo_config": "k_quant_last"}
     register = compose_config(settings_of(STEPS["register"]))
     assert register.register.evaluate_run_id == UPSTREAM["evaluate"]
 
@@ -64,25 +64,24 @@ def test_both_sources_put_the_builds_and_the_prebuilt_export_side_by_side() -> N
         "fetch", "fetch_onnx", "wrap_transformers", "wrap_onnx.fp32", "wrap_onnx.int8",
         "wrap_onnx", "evaluate", "register",
     ]  # fmt: skip
-    upstream = {"fetch": "weights-fetch", "fetch_onnx": "export-fetch"}
-    base = ["model=phi3-mini-4k", "wrap.onnx_source=both"]
     by_name = {step.name: step for step in steps}
+    upstream = {by_name["fetch"]: "weights-fetch", by_name["fetch_onnx"]: "export-fetch"}
+    base = ["model=phi3-mini-4k", "wrap.onnx_source=both"]
     built = compose_config(
         base + as_overrides(upstream_settings(by_name["wrap_onnx.int8"], upstream))
     )
     assert (built.wrap.fetch_run_id, built.wrap.onnx_source.value) == ("weights-fetch", "build")
-    assert built.onnx_build.name == "int8"
+    assert plan.wrap_onnx_build(built).name == "int8"
     export = compose_config(base + as_overrides(upstream_settings(by_name["wrap_onnx"], upstream)))
     assert (export.wrap.fetch_run_id, export.wrap.onnx_source.value) == ("export-fetch", "prebuilt")
 
 
 def test_a_wrap_onnx_run_alone_refuses_both_sources() -> None:
-    from steps import wrap_onnx
     from steps.errors import PipelineError
 
     cfg = compose_config(["model=phi3-mini-4k", "wrap.onnx_source=both"])
     with pytest.raises(PipelineError, match=r"use wrap\.onnx_source=build or prebuilt"):
-        wrap_onnx.fetch_artifact(cfg)
+        plan.wrap_onnx_fetch(cfg)
 
 
 def test_main_says_each_steps_seconds_and_evaluates_phases() -> None:

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, Run
 
 from steps import evaluate, main, register
+from steps.config import plan
 from steps.config.compose import compose_config, project_path
 from steps.config.schema import Runtime
 from steps.evaluation.evalset import load_eval_set
@@ -31,8 +32,8 @@ from steps.tracking.models import (
     logged_model_name,
     model_tags,
 )
-from steps.tracking.notes import CUT, set_note
-from steps.tracking.runs import run_name, step_run
+from steps.tracking.pages import CUT, set_note
+from steps.tracking.runs import step_run
 
 NOTE = "mlflow.note.content"
 CANDIDATES = ((Runtime.transformers, "fp32"), (Runtime.onnx, "int8"))
@@ -91,7 +92,7 @@ def log_pipeline(overrides: list[str]) -> Pipeline:
             log_wrap_result(WrapResult(model, tags | {"model.uri": info.model_uri}, {}), None)
         models.append(model)
         wraps[model.label] = wrap_run.info.run_id
-    eval_set = load_eval_set(evaluate.dataset_path(cfg), max_items=4)
+    eval_set = load_eval_set(project_path(cfg.evaluate.dataset), max_items=4)
     text = load_fidelity_text(project_path(cfg.evaluate.fidelity.text))
     reference, fast = (
         measured(models[0].label, [True, True, False, True], 2.0),
@@ -118,7 +119,8 @@ def log_pipeline(overrides: list[str]) -> Pipeline:
     }
     run_ids |= {"evaluate": evaluate_run.info.run_id, "register": register_run.info.run_id}
     with step_run("main", cfg) as main_run:
-        main.summarize(cfg, main.MainResult(run_ids, ["fetch"]), main_run.info.run_id)
+        result = main.MainResult(run_ids, ["fetch"], wrap_run_ids=list(wraps.values()))
+        main.record_lineage(cfg, result, main_run.info.run_id)
     return Pipeline(
         fetch_run.info.run_id,
         wraps,
@@ -190,15 +192,16 @@ def test_runs_are_named_after_their_step_and_choices(pipeline, compose) -> None:
         "register smollm2-135m cpu",
         "main smollm2-135m cpu",
     }
-    assert run_name("fetch", compose("fetch.artifact=prebuilt_onnx", "model=phi3-mini-4k")) == (
-        "fetch phi3-mini-4k prebuilt_onnx cpu"
-    )
+    assert plan.run_name(
+        "fetch", compose("fetch.artifact=prebuilt_onnx", "model=phi3-mini-4k")
+    ) == ("fetch phi3-mini-4k prebuilt_onnx cpu")
     prebuilt = compose("model=phi3-mini-4k", "wrap.onnx_source=prebuilt", "compute=k8s-cuda")
     assert (
-        run_name("wrap_onnx", prebuilt) == "wrap_onnx phi3-mini-4k cuda-int4-rtn-block-32 k8s-cuda"
+        plan.run_name("wrap_onnx", prebuilt)
+        == "wrap_onnx phi3-mini-4k cuda-int4-rtn-block-32 k8s-cuda"
     )
     built = compose('wrap.onnx_build="int4:algo_config=k_quant_last"')
-    assert run_name("wrap_onnx", built) == "wrap_onnx smollm2-135m int4-k_quant_last cpu"
+    assert plan.run_name("wrap_onnx", built) == "wrap_onnx smollm2-135m int4-k_quant_last cpu"
 
 
 def test_a_run_that_mlflow_run_created_is_renamed(compose, tracking_uri, monkeypatch) -> None:
@@ -217,12 +220,8 @@ def test_every_model_the_pipeline_makes_has_a_name_mlflow_takes(compose, trackin
         cfg = compose(f"model={variant}", f"compute={target}")
         if target in cfg.model.prebuilt_onnx:  # the builds and the export side by side
             cfg = compose(f"model={variant}", f"compute={target}", "wrap.onnx_source=both")
-        precisions = [(Runtime.transformers, cfg.compute.torch_dtype.precision)]
-        precisions += [(Runtime.onnx, build.name) for build in cfg.onnx_candidates]
-        if cfg.uses_prebuilt_onnx:
-            precisions.append((Runtime.onnx, cfg.prebuilt_onnx_precision))
-        for runtime, precision in precisions:
-            name = logged_model_name(variant, runtime, precision, target)
+        for planned in plan.planned_models(cfg):
+            name = logged_model_name(variant, planned.runtime, planned.precision, target)
             assert MlflowClient().create_logged_model(experiment, name=name).name == name
     # MLflow refuses a dot there (a registered model's name may have one).
     assert logged_model_name("phi3.5-mini", Runtime.onnx, "int4", "cpu") == (

@@ -9,8 +9,10 @@ config on every run (step reuse and reproduction compare it).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -19,7 +21,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from steps.config.schema import PipelineConfig
+from steps.config import plan
+from steps.config.schema import MainConfig, PipelineConfig
 from steps.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -67,6 +70,7 @@ def to_typed(raw: DictConfig) -> PipelineConfig:
         if not isinstance(typed, PipelineConfig):
             raise ValueError("conf/config.yaml must start its defaults list with pipeline_schema")
         typed.validate()
+        plan.check(typed)
     except (ValueError, OmegaConfBaseException) as error:
         raise ConfigError(_describe(error)) from None
     return typed
@@ -75,6 +79,24 @@ def to_typed(raw: DictConfig) -> PipelineConfig:
 def compose_config(overrides: list[str]) -> PipelineConfig:
     """The validated, typed config for these Hydra overrides."""
     return to_typed(compose_raw(overrides))
+
+
+def child_base_config(cfg: PipelineConfig) -> DictConfig:
+    """The config every child of `main` composes before its upstream settings: main's own,
+    with the `main` group back at its defaults (children never get main's options). Derived
+    from the already validated config instead of a second, slower Hydra compose."""
+    base = OmegaConf.structured(cfg)
+    base.main = OmegaConf.structured(MainConfig())
+    return base
+
+
+def child_config_digest(base: DictConfig, settings: Mapping[str, str | list[str]]) -> str:
+    """The config.sha256 tag the child run will carry, given its upstream settings (updating a
+    copy of one composed config is much cheaper than a Hydra compose per step)."""
+    node = copy.deepcopy(base)
+    for key, value in settings.items():
+        OmegaConf.update(node, key, value, merge=False)
+    return config_digest(to_typed(node))
 
 
 def _check_group_choices(overrides: list[str]) -> None:

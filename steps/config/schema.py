@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from steps.config.onnx_builds import OnnxBuildSpec, check_builder_options, parse_build_spec
+from steps.config.onnx_builds import check_builder_options, parse_build_spec
 
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -439,71 +439,6 @@ class PipelineConfig:
     main: MainConfig = field(default_factory=MainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    @property
-    def resolved_onnx_source(self) -> OnnxSource:
-        """wrap.onnx_source with auto decided: the prebuilt export where the variant has one
-        for the compute target, else a build."""
-        if self.wrap.onnx_source is not OnnxSource.auto:
-            return self.wrap.onnx_source
-        has_prebuilt = self.compute.target in self.model.prebuilt_onnx
-        return OnnxSource.prebuilt if has_prebuilt else OnnxSource.build
-
-    @property
-    def builds_onnx(self) -> bool:
-        """Whether the ONNX candidates include builds from the fetched weights."""
-        return self.resolved_onnx_source in (OnnxSource.build, OnnxSource.both)
-
-    @property
-    def uses_prebuilt_onnx(self) -> bool:
-        """Whether the ONNX candidates include the variant's prebuilt export."""
-        return self.resolved_onnx_source in (OnnxSource.prebuilt, OnnxSource.both)
-
-    @property
-    def prebuilt_onnx_precision(self) -> str:
-        """The prebuilt export's precision, as its folder names it."""
-        return self.model.prebuilt_onnx[self.compute.target].subfolder.rstrip("/").split("/")[-1]
-
-    @property
-    def onnx_build(self) -> OnnxBuildSpec:
-        """The build a wrap_onnx run makes: wrap.onnx_build, else compute.onnx_precision with
-        wrap.onnx_builder_options."""
-        if self.wrap.onnx_build is not None:
-            return parse_build_spec(self.wrap.onnx_build, "wrap.onnx_build")
-        return OnnxBuildSpec(
-            self.compute.onnx_precision.value, dict(self.wrap.onnx_builder_options)
-        )
-
-    @property
-    def onnx_candidates(self) -> list[OnnxBuildSpec]:
-        """The ONNX builds `main` makes (none where the ONNX model is the prebuilt export)."""
-        if not self.builds_onnx:
-            return []
-        return [
-            parse_build_spec(s, "compute.onnx_candidates") for s in self.compute.onnx_candidates
-        ]
-
-    @property
-    def planned_candidates(self) -> list[tuple[Runtime, str]]:
-        """The models `main` makes, as (runtime, evaluation label): the transformers model, then
-        one per ONNX build, then the prebuilt export."""
-        planned = [self._planned(Runtime.transformers, self.compute.torch_dtype.precision)]
-        planned += [self._planned(Runtime.onnx, spec.name) for spec in self.onnx_candidates]
-        if self.uses_prebuilt_onnx:
-            planned.append(self._planned(Runtime.onnx, self.prebuilt_onnx_precision))
-        return planned
-
-    @staticmethod
-    def _planned(runtime: Runtime, precision: str) -> tuple[Runtime, str]:
-        return runtime, model_label(runtime, precision)
-
-    @property
-    def candidate_labels(self) -> list[str]:
-        return [label for _, label in self.planned_candidates]
-
-    @property
-    def reference_label(self) -> str:
-        return self.evaluate.reference or self.candidate_labels[0]
-
     def validate(self) -> None:
         self.model.validate()
         self.compute.validate()
@@ -512,14 +447,6 @@ class PipelineConfig:
         self.register.validate()
         self.main.validate()
         self.wrap.validate()
-        if self.evaluate.reference and not self.evaluate.wrap_run_ids:
-            labels = self.candidate_labels
-            if self.evaluate.reference not in labels:
-                raise ValueError(
-                    f"evaluate.reference={self.evaluate.reference} is not among the candidates "
-                    f"of model={self.model.name} compute={self.compute.label}: "
-                    f"{', '.join(labels)}"
-                )
         if (
             self.wrap.onnx_source in (OnnxSource.prebuilt, OnnxSource.both)
             and self.compute.target not in self.model.prebuilt_onnx

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -321,3 +321,26 @@ def loaded(runtime: str, folder: Path) -> Iterator[LogitModel]:
     else:
         flavor = mlflow.models.Model.load(folder).flavors["python_function"]
         yield OnnxLogits(folder / flavor["artifacts"]["onnx_model"]["path"])
+
+
+def score_models(
+    text: FidelityText, reference: str, folders: dict[str, tuple[str, Path]], window: int,
+    scored_tokens: int | None,
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:  # fmt: skip
+    """Every model (label -> its runtime and folder) scored against the `reference` label on
+    the text, all loaded at once so that the reference runs each window once. Returns the
+    scores and each model's loading seconds."""
+    with ExitStack() as stack:
+        models, loading = {}, {}
+        for label, (runtime, folder) in folders.items():
+            started = time.perf_counter()
+            models[label] = stack.enter_context(loaded(runtime, folder))
+            loading[label] = time.perf_counter() - started
+        stream = token_stream(text, models[reference])
+        cut = windows(stream, window, scored_tokens)
+        log.info(
+            "fidelity: %d windows of %d tokens from %s (%d tokens), against %s",
+            len(cut), window, text.name, len(stream), reference,
+        )  # fmt: skip
+        scores = score(models[reference], models, cut)
+    return scores, loading

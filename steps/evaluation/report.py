@@ -221,7 +221,7 @@ def summary_markdown(
         cells = [f"{summaries[label].get(key, float('nan')):.4g}" for label in summaries]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if selection is not None:
-        lines += ["", *(f"- {label}: {selection.reasons[label]}" for label in summaries)]
+        lines += ["", *(f"- {label}: {selection.verdicts[label]}" for label in summaries)]
     return "\n".join(lines) + "\n"
 
 

@@ -1,14 +1,18 @@
-"""Which candidate to register: the gate each candidate is held to, the `fastest_faithful`
-policy (the highest decode rate among the candidates that pass, else the reference), and which
+"""The choice rules: the gate each candidate is held to, the `fastest_faithful` policy (the
+highest decode rate among the candidates that pass, else the reference), the other
+register.choose rules (`choose`), whether a registered model `beats` the champion, and which
 candidates are worth asking the evaluation set once their fidelity is known. Plain functions of
-evaluation summaries (label -> metrics), shared by evaluate (its chart marks the choice) and
-register (which acts on it)."""
+evaluation summaries (label -> metrics), shared by evaluate (its chart marks the choice),
+register (which acts on it) and the registry transaction (which moves the champion alias)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from steps.config.schema import Asking, EvaluateConfig, RegisterConfig
+from mlflow.entities.model_registry import ModelVersion
+
+from steps.config.schema import Asking, Choice, EvaluateConfig, RegisterConfig, Runtime
+from steps.errors import PipelineError
 
 
 def gate_failures(summary: dict[str, float], gate: RegisterConfig) -> list[str]:
@@ -102,7 +106,7 @@ def plan_asking(
 class Selection:
     chosen: str  # a label
     failures: dict[str, list[str]]  # label -> why it fails the gate (empty: passes)
-    reasons: dict[str, str]  # label -> one line: why it was or was not chosen
+    verdicts: dict[str, str]  # label -> one line: why it was or was not chosen
 
 
 def fastest_faithful(
@@ -111,11 +115,11 @@ def fastest_faithful(
     """Among the candidates that pass the gate against the reference, the one with the highest
     decode rate; if none passes, the reference. A candidate that was not asked the evaluation
     set (it failed fidelity) fails."""
-    failures, reasons = {}, {}
+    failures, verdicts = {}, {}
     for label, summary in summaries.items():
         if not was_asked(summary):
             failed = fidelity_failures(summary, gate)
-            reasons[label] = not_asked_reason(failed) if failed else "not asked"
+            verdicts[label] = not_asked_reason(failed) if failed else "not asked"
             failures[label] = failed or ["not asked the evaluation set"]
             continue
         failures[label] = gate_failures(summary, gate) + (
@@ -125,16 +129,79 @@ def fastest_faithful(
     speed = {label: summary.get("tokens_per_s", 0.0) for label, summary in summaries.items()}
     chosen = max(passing, key=speed.__getitem__) if passing else reference
     for label, failed in failures.items():
-        if label in reasons:
+        if label in verdicts:
             continue
         if label == chosen:
-            reasons[label] = (
+            verdicts[label] = (
                 f"chosen: the fastest of the {len(passing)} that pass the gate"
                 if passing
                 else "chosen: no candidate passes the gate, so the reference"
             )
         elif failed:
-            reasons[label] = "fails: " + "; ".join(failed)
+            verdicts[label] = "fails: " + "; ".join(failed)
         else:
-            reasons[label] = f"passes, but slower ({speed[label]:.1f} vs {speed[chosen]:.1f} tok/s)"
-    return Selection(chosen, failures, reasons)
+            verdicts[label] = (
+                f"passes, but slower ({speed[label]:.1f} vs {speed[chosen]:.1f} tok/s)"
+            )
+    return Selection(chosen, failures, verdicts)
+
+
+def choose(
+    summaries: dict[str, dict[str, float]], runtimes: dict[str, Runtime], how: Choice,
+    reference: str, gate: RegisterConfig,
+) -> tuple[str, dict[str, str]]:  # fmt: skip
+    """The label register.choose picks among the candidates (label -> summary, and each one's
+    runtime), and each candidate's verdict: why it was or was not chosen."""
+    if how is Choice.fastest_faithful:
+        if reference not in summaries:
+            raise PipelineError(
+                f"the evaluate run's reference {reference} is not among its candidates "
+                f"({', '.join(summaries)}): evaluate again"
+            )
+        selection = fastest_faithful(summaries, reference, gate)
+        return selection.chosen, selection.verdicts
+    of_runtime = [
+        label for label in summaries if how is Choice.best or runtimes[label] is how.runtime
+    ]
+    if not of_runtime:
+        have = sorted({runtime.value for runtime in runtimes.values()})
+        raise PipelineError(f"register.choose={how.value}: no such candidate (have {have})")
+    # A candidate that failed fidelity and was not asked has no accuracy to rank it by.
+    pool = [label for label in of_runtime if was_asked(summaries[label])]
+    if not pool:
+        raise PipelineError(
+            f"register.choose={how.value}: every such candidate failed fidelity and was not "
+            f"asked ({', '.join(of_runtime)}): evaluate again with evaluate.ask=all, or choose "
+            "fastest_faithful"
+        )
+    chosen = max(pool, key=lambda k: (summaries[k]["accuracy"], summaries[k]["tokens_per_s"]))
+    verdicts = {
+        label: f"chosen: register.choose={how.value}"
+        if label == chosen
+        else f"not chosen by register.choose={how.value}"
+        for label in summaries
+    }
+    return chosen, verdicts
+
+
+def beats(summary: dict[str, float], champion_tags: dict[str, str]) -> bool:
+    """Whether a model beats the champion version (its `metrics.*` tags): better accuracy, then
+    a higher decode rate."""
+    mine = (summary["accuracy"], summary["tokens_per_s"])
+    theirs = (
+        float(champion_tags["metrics.accuracy"]),
+        float(champion_tags["metrics.tokens_per_s"]),
+    )
+    return mine > theirs
+
+
+def alias_for(
+    passed_gate: bool, champion: ModelVersion | None, version: str, summary: dict[str, float]
+) -> str:
+    """`champion` when the model passed the gate and beats the current champion (or there is
+    none, or it already is the champion); `challenger` otherwise."""
+    if not passed_gate:
+        return "challenger"
+    if champion is None or str(champion.version) == version:
+        return "champion"
+    return "champion" if beats(summary, champion.tags) else "challenger"

@@ -1,8 +1,13 @@
-"""Which upstream run feeds a step: the fetch run whose snapshot a wrap step turns into a model.
+"""Which earlier runs a step builds on or reuses, found with one search (`latest_finished_run`):
+the newest FINISHED run of a step that matches a filter string.
 
-A step either gets a run id (`wrap.fetch_run_id`) or takes the latest FINISHED fetch run of the
-same model variant and source revision in the current experiment, found with a filter string
-on the params every fetch run logs.
+- A wrap step's fetch run: `wrap.fetch_run_id`, else the latest of the same model variant and
+  source revision, matched on the params every fetch run logs.
+- evaluate's candidates: `evaluate.wrap_run_ids`, else the latest wrap run of each model the
+  plan makes for this variant and compute target.
+- register's evaluate run: `register.evaluate_run_id`, else the latest of this variant and
+  compute target.
+- main's reusable runs: the same step, code (commit and local changes) and resolved config.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from steps.config.schema import FetchArtifact, PipelineConfig
+from steps.config import plan
+from steps.config.schema import WRAP_STEPS, FetchArtifact, PipelineConfig
 from steps.errors import FetchError, PipelineError
 from steps.sources.snapshots import FetchOutcome, materialize
 from steps.store.manifest import Manifest
 from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.models import LoggedChatModel, with_unique_labels
+from steps.tracking.provenance import git_diff_sha256, git_state
 from steps.tracking.runs import flat_params
 
 log = logging.getLogger(__name__)
@@ -64,25 +72,84 @@ def finished_run(run_id: str, steps: tuple[str, ...], setting: str) -> Run:
     return run
 
 
-def latest_finished_run(
-    cfg: PipelineConfig, experiment_id: str, step: str, filter_string: str | None = None
-) -> Run | None:
-    """The newest FINISHED run of a step for this model variant and compute target (or for a
-    filter of its own)."""
-    default = (
-        f"tags.`pipeline.model` = '{cfg.model.name}' and "
-        f"tags.`pipeline.compute` = '{cfg.compute.name}'"
-    )
-    runs = MlflowClient().search_runs(
+def latest_finished_run(experiment_id: str, step: str, *clauses: str) -> Run | None:
+    """The newest FINISHED run of a step (its `pipeline.step` tag) that matches every clause
+    (MLflow filter strings)."""
+    found = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=(
-            f"tags.`pipeline.step` = '{step}' and attributes.status = 'FINISHED' and "
-            + (filter_string or default)
+        filter_string=" and ".join(
+            [f"tags.`pipeline.step` = '{step}'", "attributes.status = 'FINISHED'", *clauses]
         ),
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    return runs[0] if runs else None
+    return found[0] if found else None
+
+
+def of_this_variant(cfg: PipelineConfig) -> tuple[str, str]:
+    """The clauses that keep a search to this model variant and compute target."""
+    return (
+        f"tags.`pipeline.model` = '{cfg.model.name}'",
+        f"tags.`pipeline.compute` = '{cfg.compute.name}'",
+    )
+
+
+def reusable_run(step: str, config_sha256: str, experiment_id: str) -> str | None:
+    """A FINISHED run of this step with the same code and the same resolved config (None
+    outside a git checkout, where code cannot be told apart)."""
+    commit, dirty = git_state()
+    if commit == "unknown":
+        return None
+    clauses = [
+        f"tags.`config.sha256` = '{config_sha256}'",
+        f"tags.`git.commit` = '{commit}'",
+        f"tags.`git.dirty` = '{str(dirty).lower()}'",
+    ]
+    if dirty:
+        clauses.append(f"tags.`git.diff_sha256` = '{git_diff_sha256()}'")
+    found = latest_finished_run(experiment_id, step, *clauses)
+    return found.info.run_id if found else None
+
+
+def evaluate_run_to_register(cfg: PipelineConfig, experiment_id: str) -> Run:
+    """register.evaluate_run_id, else the latest finished evaluate run of this variant and
+    compute target."""
+    if cfg.register.evaluate_run_id:
+        return finished_run(cfg.register.evaluate_run_id, ("evaluate",), "register.evaluate_run_id")
+    found = latest_finished_run(experiment_id, "evaluate", *of_this_variant(cfg))
+    if found is None:
+        raise PipelineError(
+            f"no finished evaluate run of model={cfg.model.name} compute={cfg.compute.name}: "
+            "run evaluate first, or set register.evaluate_run_id"
+        )
+    return found
+
+
+def find_candidates(cfg: PipelineConfig, experiment_id: str) -> list[LoggedChatModel]:
+    """The models evaluate compares: those of evaluate.wrap_run_ids, else the latest finished
+    wrap run of each model the plan makes for this variant and compute target (a model without
+    one is left out)."""
+    if cfg.evaluate.wrap_run_ids:
+        runs = [
+            finished_run(run_id, WRAP_STEPS, "evaluate.wrap_run_ids")
+            for run_id in cfg.evaluate.wrap_run_ids
+        ]
+    else:
+        found = [
+            latest_finished_run(
+                experiment_id, f"wrap_{planned.runtime.value}", *of_this_variant(cfg),
+                f"tags.`model.label` = '{planned.label}'",
+            )
+            for planned in plan.planned_models(cfg)
+        ]  # fmt: skip
+        runs = [run for run in found if run is not None]
+    if not runs:
+        raise PipelineError(
+            f"no finished wrap runs of model={cfg.model.name} compute={cfg.compute.name} in "
+            f"experiment {experiment_id}: run wrap_transformers and wrap_onnx first, or set "
+            "evaluate.wrap_run_ids"
+        )
+    return with_unique_labels([LoggedChatModel.from_run(run) for run in runs])
 
 
 def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchArtifact) -> str:
@@ -94,7 +161,7 @@ def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchAr
                 f"{run.data.params.get('fetch.artifact')}, but this step needs {artifact.value}"
             )
         return run.info.run_id
-    run = latest_finished_run(cfg, experiment_id, "fetch", fetch_run_filter(cfg, artifact))
+    run = latest_finished_run(experiment_id, "fetch", fetch_run_filter(cfg, artifact))
     if run is None:
         extra = " -P overrides=fetch.artifact=prebuilt_onnx" if artifact.value != "weights" else ""
         raise PipelineError(

@@ -68,6 +68,19 @@ class LoggedChatModel:
         )  # fmt: skip
 
 
+def with_unique_labels(models: list[LoggedChatModel]) -> list[LoggedChatModel]:
+    """Two candidates of one label (two runs of one build) are told apart by their run ids."""
+    seen: set[str] = set()
+    unique = []
+    for model in models:
+        label = model.label
+        if label in seen:
+            label = f"{label}-{(model.wrap_run_id or model.model_uri)[-8:]}"
+        seen.add(label)
+        unique.append(dataclasses.replace(model, label=label))
+    return unique
+
+
 @dataclass(frozen=True)
 class WrapResult:
     """What a wrap step logged: the model, and the tags, metrics and texts its run records."""
@@ -138,3 +151,13 @@ class EvaluatedModel:
             LoggedChatModel(**model), dict(entry["summary"]), entry.get("verdict", ""),
             entry.get("answers", ""),
         )  # fmt: skip
+
+
+# What evaluate writes and register and main read: every candidate with its summary.
+CANDIDATES_FILE = "eval/candidates.json"
+
+
+def evaluated_models(evaluate_run_id: str) -> list[EvaluatedModel]:
+    """The candidates an evaluate run measured, as its CANDIDATES_FILE records them."""
+    entries = mlflow.artifacts.load_dict(f"runs:/{evaluate_run_id}/{CANDIDATES_FILE}")
+    return [EvaluatedModel.from_dict(entry) for entry in entries]

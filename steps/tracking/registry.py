@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
@@ -28,8 +29,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from steps.config.schema import Runtime
 from steps.errors import PipelineError
+from steps.evaluation.selection import alias_for
 from steps.tracking.models import logged_model_id
-from steps.tracking.server import who
+from steps.tracking.server import tracking_errors, who
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +201,36 @@ def version_by_alias(name: str, alias: str) -> ModelVersion | None:
 
 def set_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Where a model was registered: the version, its alias, and the champion it was compared
+    with."""
+
+    name: str
+    version: str
+    alias: str
+    created: bool  # False: the same model was already that version
+    champion_before: str | None
+
+
+def register_model(
+    name: str, model_uri: str, model_key: str, card: str, tags: dict[str, str],
+    summary: dict[str, float], passed_gate: bool, holder_run_id: str, tracking_uri: str,
+) -> Registered:  # fmt: skip
+    """The registry transaction of one register run, taking its turn under registry_lock: the
+    version holding this model (created with its model card and tags, or the existing one of
+    the same `model_key`), then its alias (steps.evaluation.selection.alias_for). A refusal or
+    a lost server ends as one line."""
+    with (
+        tracking_errors(tracking_uri, f"EDIT permission on registered model {name!r}"),
+        registry_lock(name, holder_run_id),
+    ):
+        version, created = register_version(name, model_uri, model_key, card, tags)
+        champion = version_by_alias(name, "champion")
+        alias = alias_for(passed_gate, champion, str(version.version), summary)
+        set_alias(name, alias, version.version)
+    return Registered(
+        name, str(version.version), alias, created, str(champion.version) if champion else None
+    )

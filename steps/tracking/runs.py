@@ -23,7 +23,8 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from steps.config.compose import config_digest, resolved_config_yaml
-from steps.config.schema import FetchArtifact, OnnxSource, PipelineConfig
+from steps.config.plan import run_name
+from steps.config.schema import PipelineConfig
 from steps.tracking.provenance import (
     PROJECT_ROOT,
     git_diff_sha256,
@@ -100,24 +101,6 @@ def model_key(cfg: PipelineConfig, model_tags: dict[str, str]) -> str | None:
         "settings": {g: settings[g] for g in ("model", "compute", "wrap", "generation")},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def run_name(step: str, cfg: PipelineConfig, detail: str | None = None) -> str:
-    """The step and the choices that tell its runs apart (`evaluate smollm2-135m cpu`,
-    `wrap_onnx smollm2-135m int4-k_quant_last cpu`), so that run lists and breadcrumbs read
-    without opening a run; `detail` names what a nested run is about (a candidate's label)."""
-    choices: list[str] = [detail] if detail else []
-    if step == "fetch" and cfg.fetch.artifact is not FetchArtifact.weights:
-        choices.append(cfg.fetch.artifact.value)
-    elif step == "wrap_transformers":
-        choices.append(cfg.compute.torch_dtype.precision)
-    elif step == "wrap_onnx":
-        source = cfg.resolved_onnx_source
-        if source is OnnxSource.prebuilt:
-            choices.append(cfg.prebuilt_onnx_precision)
-        elif source is OnnxSource.build:
-            choices.append(cfg.onnx_build.name)
-    return " ".join([step, cfg.model.name, *choices, cfg.compute.name])
 
 
 @contextlib.contextmanager
