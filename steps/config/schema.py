@@ -1,7 +1,9 @@
 """The schemas behind conf/: one dataclass per config group, registered in Hydra's ConfigStore.
 
 `steps.config.compose` composes conf/ against them; the `validate` methods are the cross-field
-checks it runs, each raising ValueError with the fix in its message.
+checks it runs, each raising ValueError with the fix in its message. A value the group's YAML
+sets is MISSING here: the YAML owns it (with the comment that says why), so the two cannot
+drift; a default here is one no YAML sets.
 """
 
 from __future__ import annotations
@@ -185,13 +187,13 @@ class ComputeConfig:
     # the same as name. Lets k8s-cuda use the exports and registered models of cuda.
     hardware: str | None = None
     torch_device: str = MISSING
-    torch_dtype: TorchDtype = TorchDtype.float32
-    onnx_provider: OnnxProvider = OnnxProvider.cpu
+    torch_dtype: TorchDtype = MISSING
+    onnx_provider: OnnxProvider = MISSING
     # What a wrap_onnx run builds by itself; `main` builds every compute.onnx_candidates entry.
-    onnx_precision: OnnxPrecision = OnnxPrecision.fp32
+    onnx_precision: OnnxPrecision = MISSING
     # The ONNX builds `main` makes and evaluate compares, as build specs
     # (`int4:algo_config=k_quant_last`: steps.config.onnx_builds).
-    onnx_candidates: list[str] = field(default_factory=lambda: ["fp32"])
+    onnx_candidates: list[str] = MISSING
     # onnxruntime's intra-op threads for the ONNX model; null: every core the serving process
     # may use, counted when the model loads (onnxruntime's own default may run fewer:
     # docs/configuration.md).
@@ -225,16 +227,16 @@ class ComputeConfig:
 
 @dataclass
 class FetchConfig:
-    cache_dir: str | None = None
-    artifact: FetchArtifact = FetchArtifact.weights
+    cache_dir: str | None = MISSING
+    artifact: FetchArtifact = MISSING
 
 
 @dataclass
 class GenerationConfig:
     """Defaults baked into both logged models; a request may override them per call."""
 
-    max_new_tokens: int = 128
-    do_sample: bool = False
+    max_new_tokens: int = MISSING
+    do_sample: bool = MISSING
     temperature: float = 1.0  # only used when do_sample
     top_p: float = 1.0  # only used when do_sample
     # The rows of one predict call the transformers pipeline generates together (the ONNX
@@ -255,10 +257,10 @@ class GenerationConfig:
 
 @dataclass
 class WrapConfig:
-    fetch_run_id: str | None = None
-    save_pretrained: bool = True
-    onnx_source: OnnxSource = OnnxSource.auto
-    onnx_builder_options: dict[str, str] = field(default_factory=dict)
+    fetch_run_id: str | None = MISSING
+    save_pretrained: bool = MISSING
+    onnx_source: OnnxSource = MISSING
+    onnx_builder_options: dict[str, str] = MISSING
     # One build spec (`int4:algo_config=k_quant_last`) instead of compute.onnx_precision and
     # onnx_builder_options: how `main` hands each wrap_onnx run its compute.onnx_candidates entry.
     onnx_build: str | None = None
@@ -280,9 +282,9 @@ class FidelityConfig:
 
     text: str = MISSING
     # Tokens per window; each window scores its second half, after at least window/2 of context.
-    window: int = 512
+    window: int = MISSING
     # Stop after this many scored tokens (whole windows: rounded up); null: the whole text.
-    scored_tokens: int | None = 1530
+    scored_tokens: int | None = MISSING
 
     @property
     def scored_per_window(self) -> int:
@@ -315,21 +317,21 @@ class Asking(StrEnum):
 @dataclass
 class EvaluateConfig:
     dataset: str = MISSING
-    max_items: int | None = None
-    max_new_tokens: int = 48
-    wrap_run_ids: list[str] = field(default_factory=list)
+    max_items: int | None = MISSING
+    max_new_tokens: int = MISSING
+    wrap_run_ids: list[str] = MISSING
     # The candidate label the others are compared with (fidelity, flips); null: the
     # transformers model at the compute target's torch precision (transformers-fp32 on cpu).
-    reference: str | None = None
+    reference: str | None = MISSING
     # The first N items are asked one at a time (latency, time to first token and decode rate
     # come from them); the rest `batch_size` at a time, in one predict call each.
-    timed_items: int = 12
-    batch_size: int = 8
-    ask: Asking = Asking.contenders
+    timed_items: int = MISSING
+    batch_size: int = MISSING
+    ask: Asking = MISSING
     # A candidate whose distributions match the reference's this closely (mean KLD below it,
     # top-1 agreement 1.0) gives the same greedy answers: one of the two answers the items past
     # the timed ones for both, once their timed answers agree. null: each asks every item.
-    share_answers_below_kld: float | None = 1e-5
+    share_answers_below_kld: float | None = MISSING
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def validate(self) -> None:
@@ -363,8 +365,8 @@ class Choice(StrEnum):
 
 @dataclass
 class RegisterConfig:
-    evaluate_run_id: str | None = None
-    choose: Choice = Choice.fastest_faithful
+    evaluate_run_id: str | None = MISSING
+    choose: Choice = MISSING
     min_accuracy: float = MISSING
     max_p95_latency_s: float = MISSING
     # What fastest_faithful asks of a candidate against the reference (docs/configuration.md
@@ -374,9 +376,9 @@ class RegisterConfig:
     max_ppl_ratio: float = MISSING
     # Fails a candidate that loses significantly more items than it gains against the reference
     # (exact McNemar test at this level).
-    accuracy_alpha: float = 0.05
+    accuracy_alpha: float = MISSING
     # When the chosen model fails the gate: register it as `challenger` instead of failing.
-    allow_challenger: bool = False
+    allow_challenger: bool = MISSING
 
     def validate(self) -> None:
         if not 0 <= self.min_accuracy <= 1:
@@ -423,8 +425,8 @@ class MainConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None
-    experiment: str | None = None
+    uri: str | None = MISSING
+    experiment: str | None = MISSING
 
 
 @dataclass
