@@ -61,13 +61,13 @@ from steps.evaluation.report import (
     COMPARISON_CHART,
     MODEL_LIST_METRICS,
     SPEED_CHART,
+    answer_summary,
     candidate_rows,
     comparison_chart,
     flips,
     parity,
     per_item_rows,
     speed_fidelity_chart,
-    summarize,
     summary_markdown,
 )
 from steps.evaluation.selection import Selection, fastest_faithful, plan_asking
@@ -85,7 +85,7 @@ class EvaluateResult:
     fidelity_text: FidelityText
     reference: str  # the label of the candidate the others are compared with
     candidates: list[LoggedChatModel]
-    results: list[CandidateResult]  # per candidate asked the evaluation set, in plan order
+    results: list[CandidateResult]  # per candidate asked the evaluation set, in asking order
     summaries: dict[str, dict[str, float]]  # label -> summary, in candidate order
     selection: Selection  # what register's fastest_faithful policy would choose
     fidelity_keys: frozenset[str]  # the summaries' keys measured on the fidelity text
@@ -156,11 +156,11 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
             cfg.evaluate.fidelity.scored_tokens,
         )  # fmt: skip
         fidelity_wall = time.perf_counter() - started
-        plan = plan_asking(scores, reference.label, cfg.evaluate, cfg.register)
-        for label, why in plan.not_asked.items():
+        asking = plan_asking(scores, reference.label, cfg.evaluate, cfg.register)
+        for label, why in asking.not_asked.items():
             log.info("%s: %s", label, why)
         started = time.perf_counter()
-        results = ask_candidates(cfg.evaluate, eval_set, folders, plan)
+        results = ask_candidates(cfg.evaluate, eval_set, folders, asking)
         asking_wall = time.perf_counter() - started
     summaries = {}
     for c in candidates:
@@ -168,7 +168,7 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
         if c.label in results:
             asked = results[c.label]
             summaries[c.label] = (
-                summarize(asked) | flips(results[reference.label], asked) | scores[c.label]
+                answer_summary(asked) | flips(results[reference.label], asked) | scores[c.label]
                 | {"seconds.loading": loading + asked.load_seconds}
             )  # fmt: skip
         else:
@@ -177,7 +177,7 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
     log.info("evaluation summary:\n%s", summary_markdown(summaries, selection))
     fidelity_keys = frozenset(key for score in scores.values() for key in score)
     answers = {
-        c.label: answered_by(c.label, plan, results, scores, reference.label) for c in candidates
+        c.label: answered_by(c.label, asking, results, scores, reference.label) for c in candidates
     }
     # Disjoint phases: the fidelity and asking walls without the loading they include.
     asking_loading = sum(result.load_seconds for result in results.values())

@@ -121,6 +121,10 @@ def reproduce_command(
     repo: str | None = None,
     env_manager: str | None = None,
 ) -> Reproduction:
+    """The `mlflow run` command that reruns a recorded run: its repository at its git commit,
+    its entry point, model and compute, and as overrides only the recorded values that differ
+    from that commit's defaults here; with warnings where the rerun cannot be exact (a dirty
+    tree, a different tracking store)."""
     tags = run.data.tags
     commit = tags.get("git.commit", "unknown")
     if commit == "unknown" or "pipeline.step" not in tags:

@@ -16,7 +16,7 @@ from steps.errors import PipelineError
 from steps.evaluation.asking import answered_by
 from steps.evaluation.evalset import is_correct, load_eval_set
 from steps.evaluation.measure import CandidateResult, ItemResult, same_answers, take_shared_answers
-from steps.evaluation.report import parity, summarize
+from steps.evaluation.report import answer_summary, parity
 from steps.evaluation.selection import AskPlan, alias_for, choose, gate_failures
 from steps.tracking.models import EvaluatedModel, LoggedChatModel
 
@@ -76,7 +76,7 @@ def test_summary_and_parity() -> None:
     a = _candidate("a", ["x", "y", "z", "w"], [True, True, False, False], 2.0)
     b = _candidate("b", ["x", "y", "q", "w"], [True, True, True, False], 1.0)
     b.items[3].error, b.items[3].answer = "RuntimeError: boom", ""
-    summary = summarize(b)
+    summary = answer_summary(b)
     assert summary["accuracy"] == 0.75
     assert summary["errors"] == 1
     assert summary["completion_tokens"] == 15
@@ -93,7 +93,7 @@ def test_a_twin_takes_answers_only_past_its_own_and_says_from_whom() -> None:
     assert [i.shared_from for i in slow.items] == [None, None, "onnx-fp32", "onnx-fp32"]
     assert not any(i.timed for i in slow.items[2:])  # its speed is its own two items'
     assert slow.asked == 2 and slow.shared_from == "onnx-fp32"
-    assert summarize(slow)["accuracy"] == 0.5 and summarize(slow)["items_shared"] == 2
+    assert answer_summary(slow)["accuracy"] == 0.5 and answer_summary(slow)["items_shared"] == 2
     plan = AskPlan(["transformers-fp32", "onnx-fp32"], ["transformers-fp32", "onnx-fp32"])
     results = {"transformers-fp32": slow, "onnx-fp32": fast}
     scores = {

@@ -22,7 +22,7 @@ from steps.config.schema import Runtime
 from steps.evaluation.evalset import load_eval_set
 from steps.evaluation.fidelity import load_fidelity_text
 from steps.evaluation.measure import CandidateResult, ItemResult
-from steps.evaluation.report import flips, summarize
+from steps.evaluation.report import answer_summary, flips
 from steps.evaluation.selection import fastest_faithful
 from steps.tracking.models import (
     LoggedChatModel,
@@ -100,7 +100,8 @@ def log_pipeline(overrides: list[str]) -> Pipeline:
     )
     scores = {reference.label: fidelity_scores(0.0), fast.label: fidelity_scores(0.01)}
     summaries = {
-        r.label: summarize(r) | flips(reference, r) | scores[r.label] for r in (reference, fast)
+        r.label: answer_summary(r) | flips(reference, r) | scores[r.label]
+        for r in (reference, fast)
     }
     result = evaluate.EvaluateResult(
         eval_set, text, reference.label, models, [reference, fast], summaries,

@@ -1,2 +1,3 @@
-"""Where main's child runs execute besides local processes: Kubernetes Jobs through MLflow's
-backend. Imports config, tracking.provenance and errors."""
+"""Where main's child runs execute: local `mlflow run` processes or Kubernetes Jobs through
+MLflow's backend, started and waited for in one place (launch). Imports config, tracking and
+errors."""

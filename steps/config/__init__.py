@@ -1,2 +1,2 @@
-"""Typed configuration: the schemas behind conf/ and the one compose/validate point. Imports only
-steps.errors."""
+"""Typed configuration: the schemas behind conf/, the one compose/validate point, ONNX build
+specs, and the plan (what a config will run). Imports only steps.errors."""

@@ -1,2 +1,3 @@
-"""Evaluation: the versioned set, asking logged models, and the summaries, table and chart.
-Imports steps.errors only (and MLflow to load models)."""
+"""Evaluation: the versioned set, fidelity scoring against the reference, asking logged models,
+the choice rules, and the summaries, tables and charts. Imports steps.config and steps.errors
+(and MLflow to load models)."""

@@ -22,7 +22,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def summarize(candidate: CandidateResult) -> dict[str, float]:
+def answer_summary(candidate: CandidateResult) -> dict[str, float]:
     """Accuracy (with its 95% Wilson interval) over every item; latency, time to first token
     and decode rate over the items asked one at a time."""
     answered = [r for r in candidate.items if r.error is None]

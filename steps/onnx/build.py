@@ -79,6 +79,10 @@ def build_onnx(
     inputs: dict[str, object],
     store: SnapshotStore,
 ) -> OnnxBuild:
+    """The ONNX folder onnxruntime-genai's builder makes from a snapshot with these build
+    inputs (steps.onnx.build.build_inputs), from the store when an earlier build of the same
+    inputs is there and verifies, else built into staging and ingested whole; one lock per
+    inputs, so two runs of one build at once build it once."""
     started = time.monotonic()
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     ref = f"onnx--{key[:32]}"

@@ -1,2 +1,2 @@
 """The content-addressed snapshot store and the manifests that describe what it holds. Imports
-only steps.errors."""
+nothing else of this project."""
