@@ -46,7 +46,6 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.data.dataset import Dataset
 
 from steps.config import plan
 from steps.config.compose import project_path
@@ -57,9 +56,7 @@ from steps.evaluation.evalset import EvalSet, load_eval_set
 from steps.evaluation.fidelity import FidelityText, load_fidelity_text, score_models
 from steps.evaluation.measure import CandidateResult, model_folder
 from steps.evaluation.report import (
-    CANDIDATE_ANSWERS,
     COMPARISON_CHART,
-    MODEL_LIST_METRICS,
     SPEED_CHART,
     answer_summary,
     candidate_rows,
@@ -71,6 +68,7 @@ from steps.evaluation.report import (
     summary_markdown,
 )
 from steps.evaluation.selection import Selection, fastest_faithful, plan_asking
+from steps.tracking.evaluation_runs import log_candidate, log_datasets
 from steps.tracking.lineage import find_candidates
 from steps.tracking.models import CANDIDATES_FILE, EvaluatedModel, LoggedChatModel
 from steps.tracking.pages import EvaluatedSets, evaluation_page, link_models, set_note
@@ -193,60 +191,6 @@ def run(cfg: PipelineConfig, candidates: list[LoggedChatModel]) -> EvaluateResul
     )  # fmt: skip
 
 
-def log_datasets(eval_set: EvalSet, text: FidelityText) -> tuple[Dataset, Dataset]:
-    """The evaluation set and the fidelity text as the run's inputs, returned so that metrics
-    can name the one they were measured on."""
-    frame = pd.DataFrame(
-        [{"id": i.id, "question": i.question, "reference": i.reference} for i in eval_set.items]
-    )
-    questions = mlflow.data.from_pandas(frame, source=str(eval_set.path), name=eval_set.name)
-    mlflow.log_input(questions, context="evaluation")
-    documents = mlflow.data.from_pandas(
-        pd.DataFrame([{"id": d.id, "kind": d.kind, "sha256": text.sha256} for d in text.documents]),
-        source=str(text.path),
-        name=text.name,
-    )
-    mlflow.log_input(documents, context="fidelity")
-    mlflow.set_tags(
-        {
-            "evaluate.dataset": eval_set.name,
-            "evaluate.dataset_sha256": eval_set.sha256,
-            "evaluate.fidelity_text": text.name,
-            "evaluate.fidelity_text_sha256": text.sha256,
-        }
-    )
-    return questions, documents
-
-
-def log_candidate(
-    result: EvaluateResult, candidate: LoggedChatModel, measured: CandidateResult | None,
-    datasets: tuple[Dataset, Dataset], name: str,
-) -> None:  # fmt: skip
-    """The candidate's headline metrics on its own LoggedModel, each with the dataset it was
-    measured on (so MLflow's model list compares the builds side by side, grouped by dataset),
-    and its answers as one table, `eval/answers.json` (the experiment's Evaluation view puts
-    the candidates' tables side by side); one nested run per model keeps the unprefixed metrics
-    apart. One table upload instead of a trace per item: the per-item logging of
-    `mlflow.genai.evaluate` cost more than the asking against a remote server."""
-    questions, documents = datasets
-    summary = result.summaries[candidate.label]
-    # Nested runs go to the process's current experiment unless told (the evaluate run's own
-    # experiment may be another: tracking.experiment).
-    parent = mlflow.active_run().info.experiment_id
-    with mlflow.start_run(run_name=name, nested=True, experiment_id=parent) as child:
-        mlflow.set_tags({"pipeline.step": "evaluate.candidate", "model.label": candidate.label})
-        link_models(child.info.run_id, [candidate.model_id])
-        shown = {key: summary[key] for key in MODEL_LIST_METRICS if key in summary}
-        on_text = {k: v for k, v in shown.items() if k in result.fidelity_keys}
-        on_questions = {k: v for k, v in shown.items() if k not in on_text}
-        if on_questions:
-            mlflow.log_metrics(on_questions, model_id=candidate.model_id, dataset=questions)
-        mlflow.log_metrics(on_text, model_id=candidate.model_id, dataset=documents)
-        if measured is not None:
-            rows = candidate_rows(result.eval_set, measured)
-            mlflow.log_table(pd.DataFrame(rows), CANDIDATE_ANSWERS)
-
-
 def log_charts(result: EvaluateResult) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         speed, comparison = (
@@ -276,8 +220,10 @@ def log_result(cfg: PipelineConfig, result: EvaluateResult, run_id: str) -> None
     logging_seconds = {}
     for candidate in result.candidates:
         started = time.perf_counter()
+        answered = measured.get(candidate.label)
         log_candidate(
-            result, candidate, measured.get(candidate.label), datasets,
+            candidate, result.summaries[candidate.label], result.fidelity_keys,
+            candidate_rows(result.eval_set, answered) if answered else None, datasets,
             plan.run_name("evaluate", cfg, candidate.label),
         )  # fmt: skip
         logging_seconds[f"{candidate.label}.seconds.logging"] = time.perf_counter() - started
