@@ -29,17 +29,9 @@ from mlflow.exceptions import MlflowException
 
 from steps.backends.kubernetes import unquote_args
 from steps.config.compose import compose_config, resolved_config_yaml
+from steps.config.plan import ENTRY_POINTS
 from steps.errors import ConfigError, PipelineError
 from steps.tracking.server import explained
-
-ENTRY_POINTS = {
-    "fetch": "steps.fetch",
-    "wrap_transformers": "steps.wrap_transformers",
-    "wrap_onnx": "steps.wrap_onnx",
-    "evaluate": "steps.evaluate",
-    "register": "steps.register",
-    "main": "steps.main",
-}
 
 log = logging.getLogger("steps")
 
@@ -81,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m steps", description=__doc__.split("\n\n")[0])
-    parser.add_argument("entry_point", choices=sorted(ENTRY_POINTS))
+    parser.add_argument("entry_point", choices=ENTRY_POINTS)
     parser.add_argument(
         "--model", help="model variant (conf/model/); default from conf/config.yaml"
     )
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(resolved_config_yaml(cfg), end="")
             return 0
-        step = importlib.import_module(ENTRY_POINTS[args.entry_point])
+        step = importlib.import_module(f"steps.{args.entry_point}")
         if args.entry_point == "main":
             # main hands the user's overrides on to its child runs (model and compute travel
             # as their own parameters).
