@@ -1,8 +1,9 @@
 """Entry point `main`: the whole pipeline as child runs under one parent run.
 
 fetch -> wrap_transformers + one wrap_onnx per `compute.onnx_candidates` build -> evaluate ->
-register, with the same model and compute choices and overrides for all, each step handed the
-run ids of the steps before it (each wrap_onnx also its build, as `wrap.onnx_build`). Like MLflow's
+register (the steps steps.config.plan lays out), with the same model and compute choices and
+overrides for all, each step handed the run ids of the steps before it (each wrap_onnx also its
+build, as `wrap.onnx_build`). Like MLflow's
 multistep_workflow example, a step whose inputs match an earlier FINISHED run is reused instead
 of rerun: same entry point, same git commit (and local changes), same resolved step config,
 which includes the upstream run ids. Reuse is decided here, in the parent, with one search per

@@ -179,6 +179,8 @@ def reproduce_command(
 def reproduce_run(
     run_id: str, repo: str | None = None, env_manager: str | None = None
 ) -> Reproduction:
+    """The reproduction of a run in the current tracking store (reproduce_command on its
+    recorded config)."""
     uri = default_tracking_uri()
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)

@@ -81,6 +81,8 @@ def check_device(compute: ComputeConfig) -> None:
 
 
 def build_pipeline(model_dir: Path, compute: ComputeConfig, hub_repo_id: str | None = None):
+    """The text-generation pipeline of a model folder on the compute target's device and
+    dtype; with `hub_repo_id`, named after that Hub repo so that MLflow logs a reference to it."""
     import torch
     from transformers import pipeline
 

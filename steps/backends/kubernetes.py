@@ -234,6 +234,7 @@ def check_pod_tracking_uri(tracking_uri: str) -> None:
 
 
 def check_repository(target: KubernetesTarget) -> None:
+    """Refuse the example registry of the shipped backend config: nothing could push there."""
     repository = target.backend_config["repository-uri"]
     if repository.split("/", 1)[0] == EXAMPLE_REGISTRY:
         raise PipelineError(

@@ -57,6 +57,8 @@ def parse_build_spec(spec: str, setting: str) -> OnnxBuildSpec:
 
 
 def check_builder_options(options: dict[str, str], setting: str) -> None:
+    """ValueError naming the nearest known option where an option is not one the installed
+    builder documents."""
     known = builder_options()
     unknown = sorted(set(options) - known) if known else []
     if unknown:

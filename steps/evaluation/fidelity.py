@@ -119,6 +119,7 @@ class LogitModel(Protocol):
 
 
 def token_stream(text: FidelityText, model: LogitModel) -> np.ndarray:
+    """The whole text as one stream of the model's token ids, document after document."""
     return np.array([t for d in text.documents for t in model.encode(d)], dtype=np.int64)
 
 
@@ -149,6 +150,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def check_same_vocabulary(name: str, shape: tuple[int, ...], reference: tuple[int, ...]) -> None:
+    """Logits of different vocabularies cannot be compared: stop with a line that says so."""
     if shape != reference:
         raise PipelineError(
             f"{name}'s logits have shape {shape}, the reference's {reference}: they do not "

@@ -84,6 +84,7 @@ def chat_request(item: EvalItem, max_new_tokens: int) -> dict[str, Any]:
 
 
 def answered(result: ItemResult, item: EvalItem, answer: str, usage: dict | None) -> ItemResult:
+    """The item's result with its answer, whether it is correct, and the tokens it took."""
     result.answer = answer
     result.correct = is_correct(answer, item.accept)
     result.prompt_tokens = int((usage or {}).get("prompt_tokens", 0))

@@ -74,6 +74,7 @@ def parity(candidates: list[CandidateResult]) -> float:
 
 
 def per_item_rows(eval_set: EvalSet, candidates: list[CandidateResult]) -> list[dict[str, Any]]:
+    """One row per item: the question, and each candidate's answer, correctness and latency."""
     rows = []
     for index, item in enumerate(eval_set.items):
         row: dict[str, Any] = {

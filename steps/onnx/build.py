@@ -40,6 +40,8 @@ class OnnxBuild:
 def build_inputs(
     snapshot_id: str, precision: str, provider: str, options: dict[str, str]
 ) -> dict[str, object]:
+    """What identifies a build (the cache key and the manifest's source): the snapshot,
+    precision, provider, builder options and the builder's own version."""
     return {
         "snapshot_id": snapshot_id,
         "precision": precision,

@@ -14,6 +14,8 @@ from steps.store.snapshot_store import SnapshotStore
 def ingest_local_folder(
     model: str, source: SourceConfig, store: SnapshotStore
 ) -> tuple[Manifest, str, int]:
+    """An HF-format folder on disk, hashed and ingested into the store (once per content):
+    its manifest, the store's cache outcome, and the bytes downloaded (none: it is local)."""
     folder = Path(source.path).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise FetchError(

@@ -37,11 +37,13 @@ _ABANDONED_AFTER_SECONDS = 24 * 3600
 
 
 def default_cache_root() -> Path:
+    """$XDG_CACHE_HOME/llm-to-mlflow, else ~/.cache/llm-to-mlflow."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "llm-to-mlflow"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, then rename: a reader sees the old or the new text."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

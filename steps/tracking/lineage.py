@@ -153,6 +153,8 @@ def find_candidates(cfg: PipelineConfig, experiment_id: str) -> list[LoggedChatM
 
 
 def resolve_fetch_run(cfg: PipelineConfig, experiment_id: str, artifact: FetchArtifact) -> str:
+    """The fetch run a wrap step builds on: wrap.fetch_run_id (checked to have fetched
+    `artifact`), else the latest finished fetch of this variant's source."""
     if cfg.wrap.fetch_run_id:
         run = finished_run(cfg.wrap.fetch_run_id, ("fetch",), "wrap.fetch_run_id")
         if run.data.params.get("fetch.artifact") != artifact.value:
@@ -185,6 +187,8 @@ class FetchedSnapshot:
 def fetched_snapshot(
     cfg: PipelineConfig, experiment_id: str, artifact: FetchArtifact = FetchArtifact.weights
 ) -> FetchedSnapshot:
+    """The fetch run a wrap step builds on, and its snapshot on this machine (from the store,
+    or fetched again from the manifest the run recorded)."""
     run_id = resolve_fetch_run(cfg, experiment_id, artifact)
     outcome = materialize(manifest_of_run(run_id), SnapshotStore.open(cfg.fetch.cache_dir))
     return FetchedSnapshot(run_id, outcome)

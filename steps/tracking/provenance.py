@@ -112,6 +112,7 @@ def checkout_env(root: Path = PROJECT_ROOT) -> dict[str, str]:
 
 
 def package_versions() -> dict[str, str]:
+    """The installed version of each package a run records (`not installed` where absent)."""
     found = {}
     for name in RECORDED_PACKAGES:
         try:

@@ -63,6 +63,8 @@ def flat_params(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def run_tags(step: str, cfg: PipelineConfig) -> dict[str, str]:
+    """What every step run records about itself: step, variant, compute, code (repository,
+    commit, local changes), config hash and package versions."""
     commit, dirty = git_state()
     tags = {
         "git.repo": git_repo(),
