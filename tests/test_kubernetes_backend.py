@@ -22,6 +22,7 @@ from mlflow.projects.docker import _create_docker_build_ctx
 from servers import clean_env, free_port
 
 from deploy import images
+from steps.__main__ import ENTRY_POINTS
 from steps.backends import kubernetes as kubernetes_backend
 from steps.backends.kubernetes import KubernetesTarget, load_target, render_job
 from steps.config.compose import compose_config
@@ -31,7 +32,6 @@ from steps.main import pipeline_steps, step_batches
 from steps.tracking.provenance import CHECKOUT_ENV, git_state
 
 FLAVORS = {"k8s-cpu": "cpu", "k8s-cuda": "cuda"}
-ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")
 
 
 def target(compute: str) -> KubernetesTarget:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT
 
+from steps.__main__ import ENTRY_POINTS
+
 STEPS = PROJECT_ROOT / "steps"
 # Each layer may import the layers listed before it (and itself).
 LAYERS = (
@@ -26,7 +28,6 @@ LAYERS = (
     "reproduce",
     "serve",
 )
-ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")
 
 
 def imported_layers(path: Path) -> set[str]:
