@@ -7,6 +7,7 @@ shared by the pipeline, team-server, UI and serving tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import children
 import mlflow
 import pytest
 import yaml
-from fake_hub import FakeHub, folder_files
+from fake_hub import FakeHub, Repos, folder_files
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from phi3_family import VARIANTS, Phi3Variant, write_checkpoint
@@ -116,9 +117,13 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bundled_fetch(session_cache: Path) -> FetchOutcome:
     """The bundled default model, fetched once per session (a miss on a fresh cache)."""
     cfg = compose_config([f"fetch.cache_dir={session_cache}"])
-    return fetch_snapshot(
-        cfg.model, cfg.compute.name, cfg.fetch.artifact, SnapshotStore(session_cache)
-    )
+    return fetch_configured(cfg, SnapshotStore(session_cache))
+
+
+def fetch_configured(cfg: PipelineConfig, store: SnapshotStore) -> FetchOutcome:
+    """`fetch_snapshot` of the model, compute target and artifact a composed config names, into
+    `store`: what the fetch step fetches, without its MLflow run."""
+    return fetch_snapshot(cfg.model, cfg.compute.name, cfg.fetch.artifact, store)
 
 
 @pytest.fixture
@@ -127,6 +132,25 @@ def compose() -> Callable[..., PipelineConfig]:
         return compose_config(list(overrides))
 
     return _compose
+
+
+@pytest.fixture
+def loopback_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., FakeHub]]:
+    """Starts a loopback Hub (tests/fake_hub.py) with the repos given, and points this
+    process's huggingface_hub client at it, its HF_HOME at `tmp_path / "hf-home"`
+    (`FakeHub.patch_client`); every Hub it started stops when the test ends."""
+    with contextlib.ExitStack() as started:
+
+        def start(
+            repos: Repos, refs: dict[str, dict[str, str]] | None = None, **options
+        ) -> FakeHub:
+            hub = started.enter_context(FakeHub(repos, refs, **options))
+            hub.patch_client(monkeypatch, tmp_path / "hf-home")
+            return hub
+
+        yield start
 
 
 @pytest.fixture

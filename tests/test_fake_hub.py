@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub
@@ -32,11 +31,9 @@ REFS = {"org/model": {"main": NEW}, "org/gated": {"main": GATED}}
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+def hub(loopback_hub) -> FakeHub:
     """A fresh server per test, with the client pointed at it and its cache under tmp_path."""
-    with FakeHub(REPOS, REFS, gated={"org/gated"}, valid_tokens={"hf_secret"}) as fake:
-        fake.patch_client(monkeypatch, tmp_path)
-        yield fake
+    return loopback_hub(REPOS, REFS, gated={"org/gated"}, valid_tokens={"hf_secret"})
 
 
 def _tree(folder: str) -> dict[str, bytes]:
@@ -46,7 +43,7 @@ def _tree(folder: str) -> dict[str, bytes]:
 
 def test_snapshot_at_pinned_commit_skips_revision_lookup(hub: FakeHub, tmp_path: Path) -> None:
     folder = snapshot_download("org/model", revision=OLD)
-    assert Path(folder) == tmp_path / "hub" / "models--org--model" / "snapshots" / OLD
+    assert Path(folder) == tmp_path / "hf-home" / "hub" / "models--org--model" / "snapshots" / OLD
     assert _tree(folder) == REPOS["org/model"][OLD]
     calls = [(r.method, r.path) for r in hub.requests]
     assert ("GET", f"/api/models/org/model/tree/{OLD}") in calls
@@ -57,7 +54,7 @@ def test_snapshot_at_branch_resolves_to_commit(hub: FakeHub, tmp_path: Path) -> 
     folder = snapshot_download("org/model", revision="main")
     assert Path(folder).name == NEW
     assert _tree(folder) == REPOS["org/model"][NEW]
-    refs = tmp_path / "hub" / "models--org--model" / "refs" / "main"
+    refs = tmp_path / "hf-home" / "hub" / "models--org--model" / "refs" / "main"
     assert refs.read_text() == NEW
     assert hub.requests[0].path == "/api/models/org/model/revision/main"
 
@@ -81,7 +78,7 @@ def test_dropped_connection_resumes_with_range(
     assert Path(path).read_bytes() == BIG
     gets = [r for r in hub.requests if r.method == "GET"]
     assert [r.headers.get("range") for r in gets] == [None, "bytes=262144-"]
-    assert not list((tmp_path / "hub").rglob("*.incomplete"))
+    assert not list((tmp_path / "hf-home" / "hub").rglob("*.incomplete"))
 
 
 def test_gated_repo_needs_valid_token(hub: FakeHub) -> None:

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def hub_with_bundled_weights(
-    bundled_fetch: FetchOutcome, session_cache: Path, tmp_path: Path, monkeypatch
-):
+    bundled_fetch: FetchOutcome, session_cache: Path, loopback_hub
+) -> FakeHub:
     files = folder_files(bundled_fetch.model_dir)
     inputs = build_inputs(bundled_fetch.manifest.snapshot_id, "fp32", "cpu", {})
     built = build_onnx(
@@ -37,9 +37,7 @@ def hub_with_bundled_weights(
     )
     export = folder_files(built.model_dir, f"{CPU_EXPORT}/") | {"cuda/cuda-fp16/model.onnx": b"gpu"}
     repos = {REPO: {PINNED: files, NEWER: files}, ONNX_REPO: {ONNX_PINNED: export}}
-    with FakeHub(repos, refs={REPO: {"main": PINNED}}) as hub:
-        hub.patch_client(monkeypatch, tmp_path / "hf-home")
-        yield hub
+    return loopback_hub(repos, refs={REPO: {"main": PINNED}})
 
 
 def test_reference_mode_logs_no_weights_and_loads_them_from_the_hub(
