@@ -38,6 +38,7 @@ from steps.config.compose import compose_config
 from steps.config.schema import PipelineConfig, Runtime
 from steps.sources.snapshots import FetchOutcome, fetch_snapshot
 from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.registry import registered_model_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Fixtures that convert the bundled model, build ONNX models or run `mlflow run`: every test
@@ -400,7 +401,9 @@ def _steps_line(output: str) -> str:
 
 
 # The registered models of the bundled model's pipeline on the cpu target, by runtime.
-REGISTERED = {runtime.value: f"smollm2-135m-{runtime.value}-cpu" for runtime in Runtime}
+REGISTERED = {
+    runtime.value: registered_model_name("smollm2-135m", runtime, "cpu") for runtime in Runtime
+}
 
 
 @pytest.fixture(scope="session")
