@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import children
 import mlflow
 import pytest
+import requests
 import yaml
 from fake_hub import FakeHub, Repos, folder_files
 from mlflow import MlflowClient
@@ -39,6 +41,9 @@ from steps.config.schema import PipelineConfig, Runtime
 from steps.sources.snapshots import FetchOutcome, fetch_snapshot
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.registry import registered_model_name
+
+if TYPE_CHECKING:
+    import openai
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Fixtures that convert the bundled model, build ONNX models or run `mlflow run`: every test
@@ -404,6 +409,33 @@ def _steps_line(output: str) -> str:
 REGISTERED = {
     runtime.value: registered_model_name("smollm2-135m", runtime, "cpu") for runtime in Runtime
 }
+
+
+@dataclass(frozen=True)
+class Served:
+    """A champion served on a loopback port: by `mlflow models serve` (`post` to its
+    /invocations) or by `python -m steps serve` (the official `openai` client, /health)."""
+
+    runtime: str
+    url: str
+    model_id: str  # the registered model's name
+
+    def post(self, body: dict | bytes, content_type: str = "application/json"):
+        payload = {"data": body} if isinstance(body, bytes) else {"json": body}
+        return requests.post(
+            f"{self.url}/invocations",
+            headers={"Content-Type": content_type},
+            timeout=300,
+            **payload,
+        )
+
+    def client(self, **options) -> openai.OpenAI:
+        import openai  # seconds to import: only where a test asks for it
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **options)
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health", timeout=10).json()
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,12 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import mlflow
 import openai
 import pytest
 import requests
-from conftest import REGISTERED, PipelineRuns
+from conftest import REGISTERED, PipelineRuns, Served
 from mlflow import MlflowClient
 
 from steps.serving.processes import openai_server
@@ -27,19 +26,6 @@ QUESTIONS = (
     "Name a primary color.",
     "What do bees make?",
 )
-
-
-@dataclass(frozen=True)
-class Served:
-    runtime: str
-    url: str
-    model_id: str
-
-    def client(self, **options) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **options)
-
-    def health(self) -> dict:
-        return requests.get(f"{self.url}/health", timeout=10).json()
 
 
 # Greedy answers are compared over a dozen tokens: enough to differ wherever they would.
