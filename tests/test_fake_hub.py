@@ -103,17 +103,19 @@ def test_unknown_token_rejected_like_the_hub(hub: FakeHub) -> None:
         ("org/model", "f" * 40, RevisionNotFoundError),
     ],
 )
-def test_snapshot_errors(hub: FakeHub, repo: str, revision: str | None, error: type) -> None:
+def test_a_missing_repo_branch_or_commit_raises_the_clients_own_error(
+    hub: FakeHub, repo: str, revision: str | None, error: type
+) -> None:
     with pytest.raises(error):
         snapshot_download(repo, revision=revision)
 
 
-def test_missing_file(hub: FakeHub) -> None:
+def test_a_missing_file_raises_remote_entry_not_found(hub: FakeHub) -> None:
     with pytest.raises(RemoteEntryNotFoundError):
         hf_hub_download("org/model", "nope.txt")
 
 
-def test_model_info_with_file_metadata(hub: FakeHub) -> None:
+def test_model_info_gives_file_sizes_and_lfs_only_for_large_files(hub: FakeHub) -> None:
     info = huggingface_hub.model_info("org/model", revision="main", files_metadata=True)
     assert info.sha == NEW
     siblings = {s.rfilename: s for s in info.siblings or []}

@@ -101,7 +101,7 @@ def test_the_first_token_arrives_long_before_the_answer_ends(served: Served) -> 
     assert arrivals[0] < arrivals[-1] / 4
 
 
-def test_the_plain_prompt_form(served: Served) -> None:
+def test_a_plain_prompt_is_answered_whole_and_streamed_alike(served: Served) -> None:
     client = served.client()
     answer = client.completions.create(
         model=served.model_id, prompt="The capital of France is", max_tokens=8, temperature=0
@@ -114,7 +114,7 @@ def test_the_plain_prompt_form(served: Served) -> None:
     assert "".join(chunk.choices[0].text for chunk in pieces) == answer.choices[0].text
 
 
-def test_n_choices_in_one_request(served: Served) -> None:
+def test_n_gives_that_many_indexed_choices_in_one_request(served: Served) -> None:
     answer = served.client().chat.completions.create(
         model=served.model_id, messages=JAPAN, temperature=0, max_tokens=16, n=3
     )

@@ -56,7 +56,7 @@ def test_a_chat_request_gets_an_openai_style_completion(served: Served) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_a_legacy_prompt_request(served: Served) -> None:
+def test_a_legacy_prompt_is_answered_by_onnx_and_refused_by_transformers(served: Served) -> None:
     response = served.post({"prompt": "The capital of France is", "max_tokens": 8})
     if served.runtime == "onnx":
         assert response.status_code == 200, response.text
