@@ -201,17 +201,21 @@ def test_unreachable_hub_is_a_clear_error(store, compose, tmp_path, monkeypatch)
         fetch_configured(compose("model=phi3-mini-4k"), store)
 
 
-def _hub_with(loopback_hub, weights: dict[str, bytes], onnx: dict[str, bytes]) -> FakeHub:
+def _fetch_error(
+    loopback_hub, store: SnapshotStore, cfg: PipelineConfig,
+    weights: dict[str, bytes] = WEIGHTS, onnx: dict[str, bytes] = ONNX,
+) -> str:  # fmt: skip
+    """The FetchError's message for `cfg` from a Hub whose pinned commits hold these files."""
     repos = {WEIGHTS_REPO: {WEIGHTS_COMMIT: weights}, ONNX_REPO: {ONNX_COMMIT: onnx}}
-    return loopback_hub(repos, {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}})
+    loopback_hub(repos, {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}})
+    with pytest.raises(FetchError) as raised:
+        fetch_configured(cfg, store)
+    return str(raised.value)
 
 
 def test_a_tokenizer_without_a_chat_template_fails_the_fetch(store, compose, loopback_hub) -> None:
     plain = WEIGHTS | {"tokenizer_config.json": b'{"eos_token": "<|endoftext|>"}'}
-    _hub_with(loopback_hub, plain, ONNX)
-    with pytest.raises(FetchError) as raised:
-        fetch_configured(compose("model=phi3-mini-4k"), store)
-    message = str(raised.value)
+    message = _fetch_error(loopback_hub, store, compose("model=phi3-mini-4k"), weights=plain)
     assert "\n" not in message
     assert f"snapshots/{WEIGHTS_COMMIT}/tokenizer_config.json has no chat_template" in message
     assert "add" in message and "chat_template.jinja" in message
@@ -224,10 +228,7 @@ def test_a_prebuilt_folder_missing_at_the_pin_names_the_exports_there(
         path: data for path, data in ONNX.items() if not path.startswith("cpu_and_mobile/")
     }}  # fmt: skip
     cfg = compose("model=phi3-mini-4k", "fetch.artifact=prebuilt_onnx")
-    _hub_with(loopback_hub, WEIGHTS, elsewhere)
-    with pytest.raises(FetchError) as raised:
-        fetch_configured(cfg, store)
-    message = str(raised.value)
+    message = _fetch_error(loopback_hub, store, cfg, onnx=elsewhere)
     assert (
         f"{ONNX_REPO}@{ONNX_COMMIT} has no folder 'cpu_and_mobile/cpu-int4-rtn-block-32" in message
     )
@@ -243,10 +244,7 @@ def test_a_config_transformers_cannot_read_fails_the_fetch(store, compose, loopb
         "rope_scaling": {"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
     }  # fmt: skip
     weights = WEIGHTS | {"config.json": json.dumps(config).encode()}
-    _hub_with(loopback_hub, weights, ONNX)
-    with pytest.raises(FetchError) as raised:
-        fetch_configured(compose("model=phi3-mini-4k"), store)
-    message = str(raised.value)
+    message = _fetch_error(loopback_hub, store, compose("model=phi3-mini-4k"), weights=weights)
     assert "\n" not in message
     assert f"snapshots/{WEIGHTS_COMMIT}/config.json cannot be read by transformers" in message
     assert "rope_scaling type 'su'" in message and "pin a model.source.revision" in message
