@@ -6,7 +6,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, folder_files
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -36,15 +36,10 @@ def hub(loopback_hub) -> FakeHub:
     return loopback_hub(REPOS, REFS, gated={"org/gated"}, valid_tokens={"hf_secret"})
 
 
-def _tree(folder: str) -> dict[str, bytes]:
-    root = Path(folder)
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
 def test_snapshot_at_pinned_commit_skips_revision_lookup(hub: FakeHub, tmp_path: Path) -> None:
     folder = snapshot_download("org/model", revision=OLD)
     assert Path(folder) == tmp_path / "hf-home" / "hub" / "models--org--model" / "snapshots" / OLD
-    assert _tree(folder) == REPOS["org/model"][OLD]
+    assert folder_files(Path(folder)) == REPOS["org/model"][OLD]
     calls = [(r.method, r.path) for r in hub.requests]
     assert ("GET", f"/api/models/org/model/tree/{OLD}") in calls
     assert not any("/revision/" in path for _, path in calls)
@@ -53,7 +48,7 @@ def test_snapshot_at_pinned_commit_skips_revision_lookup(hub: FakeHub, tmp_path:
 def test_snapshot_at_branch_resolves_to_commit(hub: FakeHub, tmp_path: Path) -> None:
     folder = snapshot_download("org/model", revision="main")
     assert Path(folder).name == NEW
-    assert _tree(folder) == REPOS["org/model"][NEW]
+    assert folder_files(Path(folder)) == REPOS["org/model"][NEW]
     refs = tmp_path / "hf-home" / "hub" / "models--org--model" / "refs" / "main"
     assert refs.read_text() == NEW
     assert hub.requests[0].path == "/api/models/org/model/revision/main"
@@ -61,7 +56,7 @@ def test_snapshot_at_branch_resolves_to_commit(hub: FakeHub, tmp_path: Path) -> 
 
 def test_allow_patterns_limit_downloads(hub: FakeHub) -> None:
     folder = snapshot_download("org/model", allow_patterns=["*.json"])
-    assert _tree(folder) == {"config.json": b'{"v": 2}'}
+    assert folder_files(Path(folder)) == {"config.json": b'{"v": 2}'}
     assert [r.path for r in hub.requests if "/resolve/" in r.path] == [
         f"/org/model/resolve/{NEW}/config.json"
     ] * 2  # HEAD for metadata, then GET
@@ -85,7 +80,7 @@ def test_gated_repo_needs_valid_token(hub: FakeHub) -> None:
     with pytest.raises(GatedRepoError):
         snapshot_download("org/gated")
     folder = snapshot_download("org/gated", token="hf_secret")
-    assert _tree(folder) == REPOS["org/gated"][GATED]
+    assert folder_files(Path(folder)) == REPOS["org/gated"][GATED]
     assert hub.requests[-1].headers["authorization"] == "Bearer hf_secret"
 
 
