@@ -37,8 +37,8 @@ test-packages:
 	fi
 
 test: install test-packages
-	$(BIN)/ruff check steps tests bench deploy
-	$(BIN)/ruff format --check steps tests bench deploy
+	$(BIN)/ruff check steps tests bench tools deploy
+	$(BIN)/ruff format --check steps tests bench tools deploy
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # The tag hashes the Dockerfile and the flavor's pins, so a changed pin never reuses a tag.

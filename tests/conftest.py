@@ -7,6 +7,7 @@ shared by the pipeline, team-server, UI and serving tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,12 +15,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import children
 import mlflow
 import pytest
+import requests
 import yaml
-from fake_hub import FakeHub, folder_files
+from fake_hub import FakeHub, Repos, folder_files
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from phi3_family import VARIANTS, Phi3Variant, write_checkpoint
@@ -37,6 +40,10 @@ from steps.config.compose import compose_config
 from steps.config.schema import PipelineConfig, Runtime
 from steps.sources.snapshots import FetchOutcome, fetch_snapshot
 from steps.store.snapshot_store import SnapshotStore
+from steps.tracking.registry import registered_model_name
+
+if TYPE_CHECKING:
+    import openai
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Fixtures that convert the bundled model, build ONNX models or run `mlflow run`: every test
@@ -116,9 +123,13 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bundled_fetch(session_cache: Path) -> FetchOutcome:
     """The bundled default model, fetched once per session (a miss on a fresh cache)."""
     cfg = compose_config([f"fetch.cache_dir={session_cache}"])
-    return fetch_snapshot(
-        cfg.model, cfg.compute.name, cfg.fetch.artifact, SnapshotStore(session_cache)
-    )
+    return fetch_configured(cfg, SnapshotStore(session_cache))
+
+
+def fetch_configured(cfg: PipelineConfig, store: SnapshotStore) -> FetchOutcome:
+    """`fetch_snapshot` of the model, compute target and artifact a composed config names, into
+    `store`: what the fetch step fetches, without its MLflow run."""
+    return fetch_snapshot(cfg.model, cfg.compute.name, cfg.fetch.artifact, store)
 
 
 @pytest.fixture
@@ -127,6 +138,25 @@ def compose() -> Callable[..., PipelineConfig]:
         return compose_config(list(overrides))
 
     return _compose
+
+
+@pytest.fixture
+def loopback_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., FakeHub]]:
+    """Starts a loopback Hub (tests/fake_hub.py) with the repos given, and points this
+    process's huggingface_hub client at it, its HF_HOME at `tmp_path / "hf-home"`
+    (`FakeHub.patch_client`); every Hub it started stops when the test ends."""
+    with contextlib.ExitStack() as started:
+
+        def start(
+            repos: Repos, refs: dict[str, dict[str, str]] | None = None, **options
+        ) -> FakeHub:
+            hub = started.enter_context(FakeHub(repos, refs, **options))
+            hub.patch_client(monkeypatch, tmp_path / "hf-home")
+            return hub
+
+        yield start
 
 
 @pytest.fixture
@@ -376,7 +406,36 @@ def _steps_line(output: str) -> str:
 
 
 # The registered models of the bundled model's pipeline on the cpu target, by runtime.
-REGISTERED = {runtime.value: f"smollm2-135m-{runtime.value}-cpu" for runtime in Runtime}
+REGISTERED = {
+    runtime.value: registered_model_name("smollm2-135m", runtime, "cpu") for runtime in Runtime
+}
+
+
+@dataclass(frozen=True)
+class Served:
+    """A champion served on a loopback port: by `mlflow models serve` (`post` to its
+    /invocations) or by `python -m steps serve` (the official `openai` client, /health)."""
+
+    runtime: str
+    url: str
+    model_id: str  # the registered model's name
+
+    def post(self, body: dict | bytes, content_type: str = "application/json"):
+        payload = {"data": body} if isinstance(body, bytes) else {"json": body}
+        return requests.post(
+            f"{self.url}/invocations",
+            headers={"Content-Type": content_type},
+            timeout=300,
+            **payload,
+        )
+
+    def client(self, **options) -> openai.OpenAI:
+        import openai  # seconds to import: only where a test asks for it
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **options)
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health", timeout=10).json()
 
 
 @pytest.fixture(scope="session")

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps.config.compose import compose_config
+from steps.config.compose import CONF_DIR, compose_config
 from steps.config.schema import ModelConfig, PrebuiltOnnx
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SEED = 20260425
 REAL_PIECES = 32000  # Llama's SentencePiece vocabulary; Phi-3's own tokens follow it
 VOCAB_SIZE = 32064  # the embedding rows of every Phi-3 mini (padded past the last token)
@@ -191,7 +190,7 @@ def config_json(variant: Phi3Variant) -> dict[str, Any]:
 def _training_text() -> list[str]:
     """The project's own evaluation texts: what the tokenizer will mostly be asked to encode."""
     lines = []
-    for path in sorted((PROJECT_ROOT / "conf" / "evaluate").glob("*.jsonl")):
+    for path in sorted((CONF_DIR / "evaluate").glob("*.jsonl")):
         for line in path.read_text().splitlines():
             lines += [str(v) for v in json.loads(line).values() if isinstance(v, str)]
     return lines

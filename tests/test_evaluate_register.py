@@ -45,7 +45,7 @@ def test_scorer_accepts_each_reference_and_rejects_wrong_replies(eval_set) -> No
             assert not is_correct(wrong, item.accept), (item.id, wrong)
 
 
-def test_answer_checks_on_known_model_replies() -> None:
+def test_a_known_reply_is_right_only_when_it_states_the_answer() -> None:
     assert is_correct("The capital of Japan is Tokyo.", (r"\btokyo\b",))
     assert not is_correct("18 divided by 2 is 13.", (r"(?<![\d.-])(9|nine)(?![\d.])",))
     assert is_correct("3 + 5 = 8", (r"(?<![\d.-])(8|eight)(?![\d.])",))
@@ -72,7 +72,7 @@ def _candidate(
     return result
 
 
-def test_summary_and_parity() -> None:
+def test_summary_counts_errors_apart_and_parity_is_the_share_of_equal_answers() -> None:
     a = _candidate("a", ["x", "y", "z", "w"], [True, True, False, False], 2.0)
     b = _candidate("b", ["x", "y", "q", "w"], [True, True, True, False], 1.0)
     b.items[3].error, b.items[3].answer = "RuntimeError: boom", ""
@@ -166,7 +166,7 @@ def test_register_ranks_only_the_candidates_that_were_asked() -> None:
     assert verdicts["onnx-int4"].startswith("not asked: failed fidelity (mean KLD 0.3400")
 
 
-def test_gate_and_aliases() -> None:
+def test_gate_names_failed_thresholds_and_champion_goes_only_to_a_passing_better_model() -> None:
     gate = compose_config([]).register
     assert gate_failures({"accuracy": 0.4, "latency_p95_s": 3.0}, gate) == []
     failures = gate_failures({"accuracy": 0.1, "latency_p95_s": 99.0}, gate)

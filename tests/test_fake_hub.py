@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, folder_files
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -32,22 +31,15 @@ REFS = {"org/model": {"main": NEW}, "org/gated": {"main": GATED}}
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+def hub(loopback_hub) -> FakeHub:
     """A fresh server per test, with the client pointed at it and its cache under tmp_path."""
-    with FakeHub(REPOS, REFS, gated={"org/gated"}, valid_tokens={"hf_secret"}) as fake:
-        fake.patch_client(monkeypatch, tmp_path)
-        yield fake
-
-
-def _tree(folder: str) -> dict[str, bytes]:
-    root = Path(folder)
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return loopback_hub(REPOS, REFS, gated={"org/gated"}, valid_tokens={"hf_secret"})
 
 
 def test_snapshot_at_pinned_commit_skips_revision_lookup(hub: FakeHub, tmp_path: Path) -> None:
     folder = snapshot_download("org/model", revision=OLD)
-    assert Path(folder) == tmp_path / "hub" / "models--org--model" / "snapshots" / OLD
-    assert _tree(folder) == REPOS["org/model"][OLD]
+    assert Path(folder) == tmp_path / "hf-home" / "hub" / "models--org--model" / "snapshots" / OLD
+    assert folder_files(Path(folder)) == REPOS["org/model"][OLD]
     calls = [(r.method, r.path) for r in hub.requests]
     assert ("GET", f"/api/models/org/model/tree/{OLD}") in calls
     assert not any("/revision/" in path for _, path in calls)
@@ -56,15 +48,15 @@ def test_snapshot_at_pinned_commit_skips_revision_lookup(hub: FakeHub, tmp_path:
 def test_snapshot_at_branch_resolves_to_commit(hub: FakeHub, tmp_path: Path) -> None:
     folder = snapshot_download("org/model", revision="main")
     assert Path(folder).name == NEW
-    assert _tree(folder) == REPOS["org/model"][NEW]
-    refs = tmp_path / "hub" / "models--org--model" / "refs" / "main"
+    assert folder_files(Path(folder)) == REPOS["org/model"][NEW]
+    refs = tmp_path / "hf-home" / "hub" / "models--org--model" / "refs" / "main"
     assert refs.read_text() == NEW
     assert hub.requests[0].path == "/api/models/org/model/revision/main"
 
 
 def test_allow_patterns_limit_downloads(hub: FakeHub) -> None:
     folder = snapshot_download("org/model", allow_patterns=["*.json"])
-    assert _tree(folder) == {"config.json": b'{"v": 2}'}
+    assert folder_files(Path(folder)) == {"config.json": b'{"v": 2}'}
     assert [r.path for r in hub.requests if "/resolve/" in r.path] == [
         f"/org/model/resolve/{NEW}/config.json"
     ] * 2  # HEAD for metadata, then GET
@@ -81,14 +73,14 @@ def test_dropped_connection_resumes_with_range(
     assert Path(path).read_bytes() == BIG
     gets = [r for r in hub.requests if r.method == "GET"]
     assert [r.headers.get("range") for r in gets] == [None, "bytes=262144-"]
-    assert not list((tmp_path / "hub").rglob("*.incomplete"))
+    assert not list((tmp_path / "hf-home" / "hub").rglob("*.incomplete"))
 
 
 def test_gated_repo_needs_valid_token(hub: FakeHub) -> None:
     with pytest.raises(GatedRepoError):
         snapshot_download("org/gated")
     folder = snapshot_download("org/gated", token="hf_secret")
-    assert _tree(folder) == REPOS["org/gated"][GATED]
+    assert folder_files(Path(folder)) == REPOS["org/gated"][GATED]
     assert hub.requests[-1].headers["authorization"] == "Bearer hf_secret"
 
 
@@ -106,17 +98,19 @@ def test_unknown_token_rejected_like_the_hub(hub: FakeHub) -> None:
         ("org/model", "f" * 40, RevisionNotFoundError),
     ],
 )
-def test_snapshot_errors(hub: FakeHub, repo: str, revision: str | None, error: type) -> None:
+def test_a_missing_repo_branch_or_commit_raises_the_clients_own_error(
+    hub: FakeHub, repo: str, revision: str | None, error: type
+) -> None:
     with pytest.raises(error):
         snapshot_download(repo, revision=revision)
 
 
-def test_missing_file(hub: FakeHub) -> None:
+def test_a_missing_file_raises_remote_entry_not_found(hub: FakeHub) -> None:
     with pytest.raises(RemoteEntryNotFoundError):
         hf_hub_download("org/model", "nope.txt")
 
 
-def test_model_info_with_file_metadata(hub: FakeHub) -> None:
+def test_model_info_gives_file_sizes_and_lfs_only_for_large_files(hub: FakeHub) -> None:
     info = huggingface_hub.model_info("org/model", revision="main", files_metadata=True)
     assert info.sha == NEW
     siblings = {s.rfilename: s for s in info.siblings or []}

@@ -105,7 +105,7 @@ def test_a_bad_fidelity_line_is_reported_by_line_number(tmp_path: Path) -> None:
         load_fidelity_text(path)
 
 
-def test_wilson_interval_and_exact_mcnemar_on_known_counts() -> None:
+def test_wilson_bounds_hold_the_share_and_mcnemar_p_matches_hand_computed_counts() -> None:
     assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0
     for trials in range(1, 200):  # rounding never puts a bound past the share

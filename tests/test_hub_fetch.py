@@ -8,15 +8,15 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fetch_configured
 from fake_hub import FakeHub
 
 from steps.config.schema import FetchArtifact, PipelineConfig
 from steps.errors import FetchError
-from steps.sources.snapshots import FetchOutcome, fetch_snapshot, materialize
+from steps.sources.snapshots import materialize
 from steps.store.snapshot_store import SnapshotStore
 
 WEIGHTS_REPO = "microsoft/Phi-3-mini-4k-instruct"
@@ -59,10 +59,8 @@ REFS = {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}, GATED_REPO: {"main": GATED_COMMI
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with FakeHub(REPOS, REFS, gated={GATED_REPO}, valid_tokens={TOKEN}) as fake:
-        fake.patch_client(monkeypatch, tmp_path / "hf-home")
-        yield fake
+def hub(loopback_hub) -> FakeHub:
+    return loopback_hub(REPOS, REFS, gated={GATED_REPO}, valid_tokens={TOKEN})
 
 
 @pytest.fixture
@@ -70,16 +68,12 @@ def store(tmp_path: Path) -> SnapshotStore:
     return SnapshotStore(tmp_path / "cache")
 
 
-def _fetch(cfg: PipelineConfig, store: SnapshotStore) -> FetchOutcome:
-    return fetch_snapshot(cfg.model, cfg.compute.name, cfg.fetch.artifact, store)
-
-
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def test_pinned_revision_fetches_only_the_allowed_files(hub, store, compose) -> None:
-    outcome = _fetch(compose("model=phi3-mini-4k"), store)
+    outcome = fetch_configured(compose("model=phi3-mini-4k"), store)
     files = {entry.path: entry.sha256 for entry in outcome.manifest.files}
     assert set(files) == set(WEIGHTS) - {"modeling_phi3.py", "README.md"}
     assert all(files[path] == _sha(WEIGHTS[path]) for path in files)
@@ -94,7 +88,7 @@ def test_pinned_revision_fetches_only_the_allowed_files(hub, store, compose) -> 
 def test_branch_revision_records_the_commit_it_resolved_to(hub, store, compose, caplog) -> None:
     cfg = compose("model=phi3-mini-4k", "model.source.revision=main")
     with caplog.at_level(logging.WARNING):
-        outcome = _fetch(cfg, store)
+        outcome = fetch_configured(cfg, store)
     assert outcome.manifest.source["revision"] == "main"
     assert outcome.manifest.source["resolved_revision"] == WEIGHTS_COMMIT
     assert f"resolved to {WEIGHTS_COMMIT}" in caplog.text
@@ -103,7 +97,7 @@ def test_branch_revision_records_the_commit_it_resolved_to(hub, store, compose, 
 def test_prebuilt_onnx_fetches_only_the_compute_targets_subfolder(hub, store, compose) -> None:
     cfg = compose("model=phi3-mini-4k", "compute=cuda", "fetch.artifact=prebuilt_onnx")
     assert cfg.fetch.artifact is FetchArtifact.prebuilt_onnx
-    outcome = _fetch(cfg, store)
+    outcome = fetch_configured(cfg, store)
     assert [entry.path for entry in outcome.manifest.files] == [
         "cuda/cuda-int4-rtn-block-32/chat_template.jinja",
         "cuda/cuda-int4-rtn-block-32/model.onnx",
@@ -115,7 +109,7 @@ def test_prebuilt_onnx_fetches_only_the_compute_targets_subfolder(hub, store, co
 
 def test_dropped_connection_mid_file_resumes(hub, store, compose) -> None:
     hub.drop_connection_once(WEIGHTS_REPO, "model-00001-of-00001.safetensors", 11 * MiB)
-    outcome = _fetch(compose("model=phi3-mini-4k"), store)
+    outcome = fetch_configured(compose("model=phi3-mini-4k"), store)
     ranged = [r for r in hub.requests if r.method == "GET" and "range" in r.headers]
     assert ranged and ranged[0].path.endswith("model-00001-of-00001.safetensors")
     weights = outcome.model_dir / "model-00001-of-00001.safetensors"
@@ -125,14 +119,14 @@ def test_dropped_connection_mid_file_resumes(hub, store, compose) -> None:
 
 def test_second_fetch_is_a_hit_and_a_damaged_blob_is_fetched_again(hub, store, compose) -> None:
     cfg = compose("model=phi3-mini-4k")
-    first = _fetch(cfg, store)
-    second = _fetch(cfg, store)
+    first = fetch_configured(cfg, store)
+    second = fetch_configured(cfg, store)
     assert (second.cache, second.bytes_fetched) == ("hit", 0)
     weights = first.model_dir / "model-00001-of-00001.safetensors"
     weights.resolve().write_bytes(b"bitrot" + BIG[6:])
     config = first.model_dir / "config.json"
     config.resolve().write_bytes(b'{"tampered": 1}')
-    third = _fetch(cfg, store)
+    third = fetch_configured(cfg, store)
     assert third.cache == "repaired"
     assert third.bytes_fetched == len(BIG) + len(WEIGHTS["config.json"])
     assert third.manifest.snapshot_id == first.manifest.snapshot_id
@@ -145,7 +139,7 @@ def test_snapshot_is_materialized_from_a_manifest_in_a_fresh_hf_cache(
     from huggingface_hub import constants
 
     cfg = compose("model=phi3-mini-4k", "model.source.revision=main")
-    manifest = _fetch(cfg, store).manifest
+    manifest = fetch_configured(cfg, store).manifest
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "another-machine"))
     outcome = materialize(manifest, store)
     assert outcome.cache == "miss"
@@ -164,12 +158,12 @@ def _gated_cfg(compose) -> PipelineConfig:
 
 def test_gated_repo_without_a_token_says_how_to_get_access(hub, store, compose) -> None:
     with pytest.raises(FetchError, match=f"{GATED_REPO} is gated: accept its terms .* HF_TOKEN"):
-        _fetch(_gated_cfg(compose), store)
+        fetch_configured(_gated_cfg(compose), store)
 
 
 def test_gated_repo_with_a_token_is_fetched(hub, store, compose, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    outcome = _fetch(_gated_cfg(compose), store)
+    outcome = fetch_configured(_gated_cfg(compose), store)
     assert [entry.path for entry in outcome.manifest.files] == [
         "chat_template.jinja",
         "config.json",
@@ -181,7 +175,7 @@ def test_gated_repo_with_a_token_is_fetched(hub, store, compose, monkeypatch) ->
 def test_rejected_token_is_reported_as_such(hub, store, compose, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_expired")
     with pytest.raises(FetchError, match="rejected the token in HF_TOKEN") as raised:
-        _fetch(compose("model=phi3-mini-4k"), store)
+        fetch_configured(compose("model=phi3-mini-4k"), store)
     assert "hf_expired" not in str(raised.value)
 
 
@@ -195,7 +189,7 @@ def test_rejected_token_is_reported_as_such(hub, store, compose, monkeypatch) ->
 )
 def test_missing_repo_or_revision_is_a_clear_error(hub, store, compose, overrides, message) -> None:
     with pytest.raises(FetchError, match=message):
-        _fetch(compose("model=phi3-mini-4k", *overrides), store)
+        fetch_configured(compose("model=phi3-mini-4k", *overrides), store)
 
 
 @pytest.mark.slow  # it waits out huggingface_hub's own retries, about 23 s
@@ -204,38 +198,37 @@ def test_unreachable_hub_is_a_clear_error(store, compose, tmp_path, monkeypatch)
         hub.patch_client(monkeypatch, tmp_path / "hf-home")
     # The server is gone: nothing listens on that port any more (the client retries ~20 s).
     with pytest.raises(FetchError, match=r"cannot reach http://127\.0\.0\.1"):
-        _fetch(compose("model=phi3-mini-4k"), store)
+        fetch_configured(compose("model=phi3-mini-4k"), store)
 
 
-def _hub_with(weights: dict[str, bytes], onnx: dict[str, bytes], tmp_path, monkeypatch) -> FakeHub:
+def _fetch_error(
+    loopback_hub, store: SnapshotStore, cfg: PipelineConfig,
+    weights: dict[str, bytes] = WEIGHTS, onnx: dict[str, bytes] = ONNX,
+) -> str:  # fmt: skip
+    """The FetchError's message for `cfg` from a Hub whose pinned commits hold these files."""
     repos = {WEIGHTS_REPO: {WEIGHTS_COMMIT: weights}, ONNX_REPO: {ONNX_COMMIT: onnx}}
-    hub = FakeHub(repos, {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}})
-    hub.patch_client(monkeypatch, tmp_path / "hf-home")
-    return hub
+    loopback_hub(repos, {WEIGHTS_REPO: {"main": WEIGHTS_COMMIT}})
+    with pytest.raises(FetchError) as raised:
+        fetch_configured(cfg, store)
+    return str(raised.value)
 
 
-def test_a_tokenizer_without_a_chat_template_fails_the_fetch(
-    store, compose, tmp_path, monkeypatch
-) -> None:
+def test_a_tokenizer_without_a_chat_template_fails_the_fetch(store, compose, loopback_hub) -> None:
     plain = WEIGHTS | {"tokenizer_config.json": b'{"eos_token": "<|endoftext|>"}'}
-    with _hub_with(plain, ONNX, tmp_path, monkeypatch), pytest.raises(FetchError) as raised:
-        _fetch(compose("model=phi3-mini-4k"), store)
-    message = str(raised.value)
+    message = _fetch_error(loopback_hub, store, compose("model=phi3-mini-4k"), weights=plain)
     assert "\n" not in message
     assert f"snapshots/{WEIGHTS_COMMIT}/tokenizer_config.json has no chat_template" in message
     assert "add" in message and "chat_template.jinja" in message
 
 
 def test_a_prebuilt_folder_missing_at_the_pin_names_the_exports_there(
-    store, compose, tmp_path, monkeypatch
+    store, compose, loopback_hub
 ) -> None:
     elsewhere = {"cpu_and_mobile/cpu-int4-awq-block-128/genai_config.json": b"{}", **{
         path: data for path, data in ONNX.items() if not path.startswith("cpu_and_mobile/")
     }}  # fmt: skip
     cfg = compose("model=phi3-mini-4k", "fetch.artifact=prebuilt_onnx")
-    with _hub_with(WEIGHTS, elsewhere, tmp_path, monkeypatch), pytest.raises(FetchError) as raised:
-        _fetch(cfg, store)
-    message = str(raised.value)
+    message = _fetch_error(loopback_hub, store, cfg, onnx=elsewhere)
     assert (
         f"{ONNX_REPO}@{ONNX_COMMIT} has no folder 'cpu_and_mobile/cpu-int4-rtn-block-32" in message
     )
@@ -243,9 +236,7 @@ def test_a_prebuilt_folder_missing_at_the_pin_names_the_exports_there(
     assert "model.prebuilt_onnx.<compute>.subfolder" in message
 
 
-def test_a_config_transformers_cannot_read_fails_the_fetch(
-    store, compose, tmp_path, monkeypatch
-) -> None:
+def test_a_config_transformers_cannot_read_fails_the_fetch(store, compose, loopback_hub) -> None:
     """Phi-3-mini-128k's first revisions named LongRoPE `su`; transformers 5 no longer reads it."""
     config = {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
@@ -253,9 +244,7 @@ def test_a_config_transformers_cannot_read_fails_the_fetch(
         "rope_scaling": {"type": "su", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48},
     }  # fmt: skip
     weights = WEIGHTS | {"config.json": json.dumps(config).encode()}
-    with _hub_with(weights, ONNX, tmp_path, monkeypatch), pytest.raises(FetchError) as raised:
-        _fetch(compose("model=phi3-mini-4k"), store)
-    message = str(raised.value)
+    message = _fetch_error(loopback_hub, store, compose("model=phi3-mini-4k"), weights=weights)
     assert "\n" not in message
     assert f"snapshots/{WEIGHTS_COMMIT}/config.json cannot be read by transformers" in message
     assert "rope_scaling type 'su'" in message and "pin a model.source.revision" in message

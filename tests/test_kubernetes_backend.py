@@ -25,13 +25,12 @@ from deploy import images
 from steps.backends import kubernetes as kubernetes_backend
 from steps.backends.kubernetes import KubernetesTarget, load_target, render_job
 from steps.config.compose import compose_config
-from steps.config.plan import pipeline_steps, step_batches
+from steps.config.plan import ENTRY_POINTS, pipeline_steps, step_batches
 from steps.config.schema import Backend
 from steps.errors import PipelineError
 from steps.tracking.provenance import CHECKOUT_ENV, git_state
 
 FLAVORS = {"k8s-cpu": "cpu", "k8s-cuda": "cuda"}
-ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")
 
 
 def target(compute: str) -> KubernetesTarget:

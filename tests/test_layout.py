@@ -1,6 +1,7 @@
 """The package layout the README describes: every sub-package of steps/ imports only the layers
-below it, no entry point imports another, and the ONNX chat model (which ships inside the logged
-model) imports nothing of this project."""
+below it, no entry point imports another, the ONNX chat model (which ships inside the logged
+model) imports nothing of this project, and the script packages beside steps/ (bench/, tools/)
+never import the tests, nor steps/ them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import PROJECT_ROOT
+
+from steps.config.plan import ENTRY_POINTS
 
 STEPS = PROJECT_ROOT / "steps"
 # Each layer may import the layers listed before it (and itself).
@@ -25,7 +28,6 @@ LAYERS = (
     "reproduce",
     "serve",
 )
-ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")
 
 
 def imported_layers(path: Path) -> set[str]:
@@ -74,13 +76,29 @@ def test_the_model_code_shipped_with_the_onnx_model_imports_nothing_of_ours() ->
     assert imported_layers(STEPS / "serving" / "onnx_chat_model.py") == set()
 
 
-def test_bench_does_not_import_the_tests() -> None:
-    for path in (PROJECT_ROOT / "bench").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        modules = {
-            alias.name
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Import)
-            for alias in node.names
-        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        assert not {m for m in modules if m and m.split(".")[0] in ("tests", "conftest")}, path
+def imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module imports."""
+    tree = ast.parse(path.read_text())
+    imports = [node for node in ast.walk(tree) if isinstance(node, ast.Import)]
+    modules = {alias.name for node in imports for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return {module.split(".")[0] for module in modules if module}
+
+
+# Runnable scripts beside steps/: the benchmarks (python -m bench.*) and the build-time
+# generators whose output is committed (python -m tools.*).
+SCRIPT_PACKAGES = ("bench", "tools")
+
+
+@pytest.mark.parametrize("package", SCRIPT_PACKAGES)
+def test_no_script_imports_the_tests(package: str) -> None:
+    paths = list((PROJECT_ROOT / package).rglob("*.py"))
+    assert paths
+    for path in paths:
+        assert not imported_packages(path) & {"tests", "conftest"}, path
+
+
+def test_steps_imports_no_script_and_no_test() -> None:
+    for path in STEPS.rglob("*.py"):
+        imported = imported_packages(path) & {*SCRIPT_PACKAGES, "tests", "conftest"}
+        assert not imported, (path.relative_to(PROJECT_ROOT), imported)

@@ -9,28 +9,32 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import PipelineRuns
+from conftest import REGISTERED, PipelineRuns
 from mlflow import MlflowClient
 
 from steps import register
 from steps.config.compose import compose_config
+from steps.config.schema import Runtime, model_label
 from steps.errors import PipelineError
 
 pytestmark = pytest.mark.slow
 BUILDS = ("fp32", "int8", "int4", "int4-k_quant_last")  # conf/compute/cpu.yaml's sweep
 WRAPS = ("wrap_transformers", *(f"wrap_onnx.{build}" for build in BUILDS))
 STEPS = ("fetch", *WRAPS, "evaluate", "register")
-LABELS = ("transformers-fp32", *(f"onnx-{build}" for build in BUILDS))
+LABELS = (
+    model_label(Runtime.transformers, "fp32"),
+    *(model_label(Runtime.onnx, build) for build in BUILDS),
+)
 ASKED = LABELS[:3]  # the int4 builds fail fidelity, so they are not asked the evaluation set
 TIMED = compose_config([]).evaluate.timed_items
-REGISTERED = "smollm2-135m-onnx-cpu"
+CHAMPION = REGISTERED["onnx"]  # where the pipeline registers its champion (an ONNX build wins)
 
 
 def test_champion_is_registered_and_answers_by_alias(
     remote_pipeline: PipelineRuns, tmp_path: Path
 ) -> None:
     mlflow.set_tracking_uri(remote_pipeline.server.uri)
-    version = MlflowClient().get_model_version_by_alias(REGISTERED, "champion")
+    version = MlflowClient().get_model_version_by_alias(CHAMPION, "champion")
     assert version.tags["evaluate.run_id"] == remote_pipeline.cold.data.tags["main.evaluate.run_id"]
     assert version.tags["git.commit"] == remote_pipeline.cold.data.tags["git.commit"]
     assert {"config.sha256", "fetch.manifest_sha256", "metrics.accuracy"} <= set(version.tags)
@@ -42,7 +46,7 @@ def test_champion_is_registered_and_answers_by_alias(
     assert "shared from onnx-fp32 (same distribution: mean KLD" in version.description or (
         "shared from transformers-fp32 (same distribution: mean KLD" in version.description
     )
-    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@champion", dst_path=str(tmp_path))
+    model = mlflow.pyfunc.load_model(f"models:/{CHAMPION}@champion", dst_path=str(tmp_path))
     answer = model.predict(
         {"messages": [{"role": "user", "content": "What is the capital of Japan?"}]}
     )
@@ -108,7 +112,7 @@ def test_parent_run_records_the_lineage(remote_pipeline: PipelineRuns) -> None:
         child = mlflow.get_run(tags[f"main.{step}.run_id"])
         assert child.data.tags["mlflow.parentRunId"] == remote_pipeline.cold.info.run_id
         assert child.data.tags["pipeline.step"] == step.partition(".")[0]
-    assert tags["main.registered"].startswith(f"{REGISTERED} v1 @champion")
+    assert tags["main.registered"].startswith(f"{CHAMPION} v1 @champion")
     for label in LABELS:
         assert tags[f"main.model_uri.{label}"].startswith("models:/m-")
     # Each step's seconds, on the parent and in what main printed, evaluate's by phase.
@@ -141,7 +145,7 @@ def test_second_run_reuses_every_step(remote_pipeline: PipelineRuns) -> None:
         for s in STEPS
     )
     assert (
-        len(MlflowClient(remote_pipeline.server.uri).search_model_versions(f"name='{REGISTERED}'"))
+        len(MlflowClient(remote_pipeline.server.uri).search_model_versions(f"name='{CHAMPION}'"))
         == 1
     )
 
@@ -152,20 +156,20 @@ def test_failing_the_gate_leaves_the_champion_untouched(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", remote_pipeline.server.uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     client = MlflowClient(remote_pipeline.server.uri)
-    before = client.get_model_version_by_alias(REGISTERED, "champion").version
+    before = client.get_model_version_by_alias(CHAMPION, "champion").version
     cfg = compose(
         remote_pipeline.cache_override, "register.min_accuracy=1.0", "tracking.experiment=e2e"
     )
     with pytest.raises(PipelineError, match=r"failed the quality gate .* nothing was registered"):
         register.main(cfg)
-    assert client.get_model_version_by_alias(REGISTERED, "champion").version == before
-    assert len(client.search_model_versions(f"name='{REGISTERED}'")) == 1
+    assert client.get_model_version_by_alias(CHAMPION, "champion").version == before
+    assert len(client.search_model_versions(f"name='{CHAMPION}'")) == 1
 
 
 def test_runs_artifacts_and_registry_live_on_the_server(remote_pipeline: PipelineRuns) -> None:
     server = remote_pipeline.server
     client = MlflowClient(server.uri)
-    version = client.get_model_version_by_alias(REGISTERED, "champion")
+    version = client.get_model_version_by_alias(CHAMPION, "champion")
     wrap_step = f"main.wrap_onnx.{version.tags['model.precision']}.run_id"
     wrap_run = client.get_run(remote_pipeline.cold.data.tags[wrap_step])
     assert wrap_run.info.artifact_uri.startswith("mlflow-artifacts:/")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, PipelineRuns
+from conftest import PROJECT_ROOT, REGISTERED, PipelineRuns
 from mlflow import MlflowClient
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -131,9 +131,9 @@ def test_model_list_names_each_build_and_compares_their_metrics(ui, page, remote
 
 def test_registered_version_shows_its_model_card_and_alias(ui, page, remote_pipeline) -> None:
     champion = MlflowClient(remote_pipeline.server.uri).get_model_version_by_alias(
-        "smollm2-135m-onnx-cpu", "champion"
+        REGISTERED["onnx"], "champion"
     )
-    page.goto(f"{ui}/#/models/smollm2-135m-onnx-cpu/versions/{champion.version}")
+    page.goto(f"{ui}/#/models/{REGISTERED['onnx']}/versions/{champion.version}")
     card = f"SmolLM2-135M-Instruct ({champion.tags['model.label']}, cpu)"
     expect(page.get_by_role("heading", name=card)).to_be_visible()
     expect(page.get_by_role("status", name="champion")).to_be_visible()  # the alias's badge

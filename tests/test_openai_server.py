@@ -8,13 +8,12 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import mlflow
 import openai
 import pytest
 import requests
-from conftest import REGISTERED, PipelineRuns
+from conftest import REGISTERED, PipelineRuns, Served
 from mlflow import MlflowClient
 
 from steps.serving.processes import openai_server
@@ -27,19 +26,6 @@ QUESTIONS = (
     "Name a primary color.",
     "What do bees make?",
 )
-
-
-@dataclass(frozen=True)
-class Served:
-    runtime: str
-    url: str
-    model_id: str
-
-    def client(self, **options) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **options)
-
-    def health(self) -> dict:
-        return requests.get(f"{self.url}/health", timeout=10).json()
 
 
 # Greedy answers are compared over a dozen tokens: enough to differ wherever they would.
@@ -115,7 +101,7 @@ def test_the_first_token_arrives_long_before_the_answer_ends(served: Served) -> 
     assert arrivals[0] < arrivals[-1] / 4
 
 
-def test_the_plain_prompt_form(served: Served) -> None:
+def test_a_plain_prompt_is_answered_whole_and_streamed_alike(served: Served) -> None:
     client = served.client()
     answer = client.completions.create(
         model=served.model_id, prompt="The capital of France is", max_tokens=8, temperature=0
@@ -128,7 +114,7 @@ def test_the_plain_prompt_form(served: Served) -> None:
     assert "".join(chunk.choices[0].text for chunk in pieces) == answer.choices[0].text
 
 
-def test_n_choices_in_one_request(served: Served) -> None:
+def test_n_gives_that_many_indexed_choices_in_one_request(served: Served) -> None:
     answer = served.client().chat.completions.create(
         model=served.model_id, messages=JAPAN, temperature=0, max_tokens=16, n=3
     )

@@ -24,6 +24,7 @@ from fake_hub import FakeHub
 from mlflow import MlflowClient
 from phi3_family import END, ENDOFTEXT, STOP_AT_END, STOP_AT_ENDOFTEXT, SYSTEM, VARIANTS
 
+from steps.config.schema import Runtime, model_label
 from steps.serving.processes import model_server
 
 # What both runtimes are compared on: a system prompt, an empty one (the 3.5 template leaves
@@ -112,7 +113,7 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
 def test_the_pipeline_wraps_both_sources_evaluates_and_registers(variant_run: VariantRun) -> None:
     tags = variant_run.parent.data.tags
     v = variant_run.checkpoint.variant
-    export_label = f"onnx-{v.cpu_export.subfolder.split('/')[-1]}"
+    export_label = model_label(Runtime.onnx, v.cpu_export.subfolder.split("/")[-1])
     assert {"main.model_uri.transformers-fp32", "main.model_uri.onnx-fp32",
             f"main.model_uri.{export_label}"} <= set(tags)  # fmt: skip
     fetch_run_id = variant_run.child("fetch").info.run_id

@@ -7,11 +7,10 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 import requests
-from conftest import REGISTERED, PipelineRuns
+from conftest import REGISTERED, PipelineRuns, Served
 
 from steps.serving.processes import model_server
 
@@ -29,21 +28,6 @@ QUESTIONS = (
 CLIENTS, REQUESTS = 8, 16
 
 
-@dataclass(frozen=True)
-class Served:
-    runtime: str
-    url: str
-
-    def post(self, body: dict | bytes, content_type: str = "application/json"):
-        payload = {"data": body} if isinstance(body, bytes) else {"json": body}
-        return requests.post(
-            f"{self.url}/invocations",
-            headers={"Content-Type": content_type},
-            timeout=300,
-            **payload,
-        )
-
-
 def chat(question: str, max_tokens: int = 12) -> dict:
     return {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
 
@@ -54,7 +38,7 @@ def served(request, champions: PipelineRuns, tmp_path_factory) -> Served:
     log = tmp_path_factory.mktemp(f"serve-{runtime}") / "serve.log"
     uri = f"models:/{REGISTERED[runtime]}@champion"
     with model_server(uri, champions.server.uri, log) as url:
-        yield Served(runtime, url)
+        yield Served(runtime, url, REGISTERED[runtime])
 
 
 def test_a_chat_request_gets_an_openai_style_completion(served: Served) -> None:
@@ -72,7 +56,7 @@ def test_a_chat_request_gets_an_openai_style_completion(served: Served) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_a_legacy_prompt_request(served: Served) -> None:
+def test_a_legacy_prompt_is_answered_by_onnx_and_refused_by_transformers(served: Served) -> None:
     response = served.post({"prompt": "The capital of France is", "max_tokens": 8})
     if served.runtime == "onnx":
         assert response.status_code == 200, response.text

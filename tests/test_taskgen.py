@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT
 
-from steps.evaluation import taskgen
 from steps.evaluation.evalset import is_correct, load_eval_set
+from tools import taskgen
 
 V1 = PROJECT_ROOT / "conf" / "evaluate" / "chat-basics-v1.jsonl"
 V2 = PROJECT_ROOT / "conf" / "evaluate" / "chat-basics-v2.jsonl"
@@ -24,7 +24,7 @@ def test_committed_set_is_the_generators_output(tmp_path: Path) -> None:
     target = tmp_path / "chat-basics-v2.jsonl"
     taskgen.main([str(target)])
     assert target.read_bytes() == V2.read_bytes(), (
-        "rerun: python -m steps.evaluation.taskgen conf/evaluate/chat-basics-v2.jsonl"
+        "rerun: python -m tools.taskgen conf/evaluate/chat-basics-v2.jsonl"
     )
     assert [path.name for path in tmp_path.iterdir()] == [target.name], "no temp file is left"
 

@@ -29,10 +29,9 @@ from mlflow import MlflowClient
 from mlflow.server import get_app_client
 from servers import Credentials, Postgres, ServerSetup, TrackingServer, tracking_server
 
+from steps.config.plan import ENTRY_POINTS
 from steps.evaluation.selection import beats
 from steps.tracking.registry import LOCK_SUFFIX
-
-ENTRY_POINTS = ("fetch", "wrap_transformers", "wrap_onnx", "evaluate", "register", "main")
 
 
 def create_user(server: TrackingServer, name: str) -> Credentials:

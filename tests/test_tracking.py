@@ -140,7 +140,7 @@ def test_refusals_and_a_lost_server_become_one_line(monkeypatch) -> None:
     assert not any("s3cret" in str(e) for e in (refused, denied, lost))
 
 
-def test_mlflow_s_retry_budget_by_its_settings(monkeypatch) -> None:
+def test_retry_budget_is_mlflows_backoff_sum_and_zero_with_one_retry(monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
     assert retry_budget_s() == 4 + 8 + 16 + 32 + 64 + 120  # MLflow's "about 4 minutes"

@@ -134,7 +134,7 @@ def test_stream_chunks_add_up_to_the_whole_answer(onnx_model) -> None:
     assert chunks[-1]["usage"] == whole["usage"]
 
 
-def test_openai_request_options(onnx_model) -> None:
+def test_temperature_stop_max_tokens_and_n_act_as_openai_documents_them(onnx_model) -> None:
     greedy = onnx_model.predict({"messages": QUESTION})[0]
     zero = onnx_model.predict({"messages": QUESTION, "temperature": 0})[0]
     assert zero["choices"][0]["message"] == greedy["choices"][0]["message"]
@@ -310,7 +310,9 @@ def test_staging_the_onnx_folder_links_the_blobs_and_copies_across_file_systems(
             assert copied.stat().st_ino != blob.stat().st_ino
 
 
-def test_transformers_flavor_behaviour_the_readme_documents(wrapped: WrappedModels) -> None:
+def test_the_transformers_flavor_refuses_n_and_keeps_the_stop_string_as_the_readme_says(
+    wrapped: WrappedModels,
+) -> None:
     mlflow.set_tracking_uri(wrapped.tracking_uri)
     model = mlflow.pyfunc.load_model(wrapped.transformers_uri)
     greedy = model.predict({"messages": QUESTION, "max_tokens": 16})[0]["choices"][0]

@@ -11,6 +11,7 @@ import pytest
 from fake_hub import FakeHub, folder_files
 
 from steps import fetch, wrap_onnx, wrap_transformers
+from steps.config.schema import PipelineConfig
 from steps.errors import PipelineError
 from steps.onnx.build import build_inputs, build_onnx
 from steps.sources.snapshots import FetchOutcome
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def hub_with_bundled_weights(
-    bundled_fetch: FetchOutcome, session_cache: Path, tmp_path: Path, monkeypatch
-):
+    bundled_fetch: FetchOutcome, session_cache: Path, loopback_hub
+) -> FakeHub:
     files = folder_files(bundled_fetch.model_dir)
     inputs = build_inputs(bundled_fetch.manifest.snapshot_id, "fp32", "cpu", {})
     built = build_onnx(
@@ -37,18 +38,22 @@ def hub_with_bundled_weights(
     )
     export = folder_files(built.model_dir, f"{CPU_EXPORT}/") | {"cuda/cuda-fp16/model.onnx": b"gpu"}
     repos = {REPO: {PINNED: files, NEWER: files}, ONNX_REPO: {ONNX_PINNED: export}}
-    with FakeHub(repos, refs={REPO: {"main": PINNED}}) as hub:
-        hub.patch_client(monkeypatch, tmp_path / "hf-home")
-        yield hub
+    return loopback_hub(repos, refs={REPO: {"main": PINNED}})
+
+
+def _fetched_in_reference_mode(compose, tmp_path: Path) -> PipelineConfig:
+    """phi3-mini-4k with wrap.save_pretrained=false, its fetch step run against the Hub."""
+    cfg = compose(
+        "model=phi3-mini-4k", "wrap.save_pretrained=false", f"fetch.cache_dir={tmp_path / 'c'}"
+    )
+    fetch.main(cfg)
+    return cfg
 
 
 def test_reference_mode_logs_no_weights_and_loads_them_from_the_hub(
     hub_with_bundled_weights, compose, tracking_uri, tmp_path
 ) -> None:
-    cfg = compose(
-        "model=phi3-mini-4k", "wrap.save_pretrained=false", f"fetch.cache_dir={tmp_path / 'c'}"
-    )
-    fetch.main(cfg)
+    cfg = _fetched_in_reference_mode(compose, tmp_path)
     uri = wrap_transformers.main(cfg).model.model_uri
     local = Path(mlflow.artifacts.download_artifacts(uri))
     assert not list(local.rglob("*.safetensors")), "reference mode must not copy the weights"
@@ -66,10 +71,7 @@ def test_reference_mode_logs_no_weights_and_loads_them_from_the_hub(
 def test_reference_mode_refuses_when_the_hub_head_moved_past_the_pin(
     hub_with_bundled_weights, compose, tracking_uri, tmp_path
 ) -> None:
-    cfg = compose(
-        "model=phi3-mini-4k", "wrap.save_pretrained=false", f"fetch.cache_dir={tmp_path / 'c'}"
-    )
-    fetch.main(cfg)
+    cfg = _fetched_in_reference_mode(compose, tmp_path)
     hub_with_bundled_weights.refs[REPO]["main"] = NEWER
     with pytest.raises(PipelineError, match=f"at its current head {NEWER}, but the fetched"):
         wrap_transformers.main(cfg)

@@ -6,7 +6,7 @@ patterns take a sentence-style right answer but not the question echoed back nor
 candidate. Rerun after changing this module and commit the result (tests/test_taskgen.py checks
 that the committed file is this module's output):
 
-    python -m steps.evaluation.taskgen conf/evaluate/chat-basics-v2.jsonl
+    python -m tools.taskgen conf/evaluate/chat-basics-v2.jsonl
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from steps.evaluation.evalset import is_correct
 
 SEED = 20250611
 ITEMS_PER_CATEGORY = 28
-CURATED_SET = Path(__file__).resolve().parents[2] / "conf" / "evaluate" / "chat-basics-v1.jsonl"
+CURATED_SET = Path(__file__).resolve().parents[1] / "conf" / "evaluate" / "chat-basics-v1.jsonl"
 
 # fmt: off
 ONES = [
@@ -361,7 +361,7 @@ def write_eval_set(target: Path, curated_set: Path = CURATED_SET) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m steps.evaluation.taskgen", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.taskgen", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("target", type=Path, help="the JSONL file to write")
     args = parser.parse_args(argv)
