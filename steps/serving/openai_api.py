@@ -255,16 +255,16 @@ class Api:
 
     def check_model(self, loaded: Loaded, requested: str) -> None:
         """Refuse (404) a `model` other than the one served."""
-        if requested != loaded.source.model_id:
+        if requested != loaded.served.model_id:
             raise RequestError(
                 f"model {requested!r} is not served here; this server serves "
-                f"{loaded.source.model_id!r} (GET /v1/models)",
+                f"{loaded.served.model_id!r} (GET /v1/models)",
                 status=404, param="model", code="model_not_found",
             )  # fmt: skip
 
     def fingerprint(self, loaded: Loaded) -> str:
         """`system_fingerprint`: `<model id>:<version>`, which version answered."""
-        return f"{loaded.source.model_id}:{loaded.source.version or loaded.model.runtime}"
+        return f"{loaded.served.model_id}:{loaded.served.version or loaded.model.runtime}"
 
     async def respond(self, request: Request, kind: type[OpenAIRequest], chat: bool):
         """Answer one route's request: whole, or as a stream of server-sent events."""
@@ -290,7 +290,7 @@ class Api:
             ("chat.completion.chunk" if parsed.stream else "chat.completion")
             if chat
             else "text_completion",
-            loaded.source.model_id,
+            loaded.served.model_id,
             f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             system_fingerprint=self.fingerprint(loaded),
         )
@@ -389,17 +389,17 @@ def create_app(holder: Holder) -> FastAPI:
         loaded = holder.current
         if loaded is None:
             return error_response(503, "the model is still loading; retry shortly")
-        source = loaded.source
+        served = loaded.served
         entry = {
-            "id": source.model_id,
+            "id": served.model_id,
             "object": "model",
             "created": int(loaded.loaded_at),
             "owned_by": "llm-to-mlflow",
             "runtime": loaded.model.runtime,
-            "model_uri": source.uri,
-            "registered_name": source.registered_name,
-            "alias": source.alias,
-            "version": source.version,
+            "model_uri": served.uri,
+            "registered_name": served.registered_name,
+            "alias": served.alias,
+            "version": served.version,
         }
         return {"object": "list", "data": [entry]}
 
@@ -408,7 +408,7 @@ def create_app(holder: Holder) -> FastAPI:
         loaded = holder.current
         if loaded is None:
             return error_response(503, "the model is still loading")
-        return {"status": "ok", "model": loaded.source.model_id,
-                "version": loaded.source.version, "generating": api.generations.value}  # fmt: skip
+        return {"status": "ok", "model": loaded.served.model_id,
+                "version": loaded.served.version, "generating": api.generations.value}  # fmt: skip
 
     return app
