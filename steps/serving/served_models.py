@@ -126,7 +126,7 @@ class TransformersServed(ServedModel):
             cancelled.set()
             worker.join()  # generate() stops at its next step
 
-        return pieces(
+        yield from pieces(
             next_event,
             lambda token: decoder.step(backend, token) or "",
             checked.options.stop,
