@@ -8,9 +8,9 @@ answered in one sentence as OpenAI's error object (`{"error": {"message", "type"
 "code"}}`) with the right status: 400 for a bad request (including a field the model cannot
 honour, such as `tools`, rather than ignoring it), 404 for an unknown model or route, 413 for a
 prompt longer than the context window, 503 before a model is loaded, 500 (one line, no
-traceback) otherwise. Generation runs in one thread per choice,
-which hands each decoded piece to the event loop at once; a client that goes away stops its
-generation (freeing its slot in the ONNX engine) at the next token.
+traceback) otherwise. Generation runs in one thread per choice, which hands each decoded piece
+to the event loop at once; a client that goes away stops its generation (freeing its slot in the
+ONNX engine) at the next token.
 """
 
 from __future__ import annotations
