@@ -26,7 +26,13 @@ import mlflow
 from steps.config.compose import compose_config
 from steps.config.schema import Runtime
 from steps.errors import ConfigError, PipelineError
-from steps.serving.follow import AliasFollower, Holder, Source, download_and_load, resolve_alias
+from steps.serving.follow import (
+    AliasFollower,
+    Holder,
+    ServedVersion,
+    download_and_load,
+    resolve_alias,
+)
 from steps.serving.openai_api import create_app
 from steps.tracking.registry import registered_model_name, version_by_alias
 from steps.tracking.runs import default_tracking_uri
@@ -76,15 +82,15 @@ def cli(argv: list[str]) -> int:
         uri = default_tracking_uri()
         check_tracking_server(uri)
         mlflow.set_tracking_uri(uri)
-        source = resolve_alias(args.model_uri or champion_uri(args.model, args.compute))
-        serve(source, args.host, args.port, args.poll_interval)
+        served = resolve_alias(args.model_uri or champion_uri(args.model, args.compute))
+        serve(served, args.host, args.port, args.poll_interval)
     except PipelineError as error:
         print(f"error: serve: {error}", file=sys.stderr)
         return error.exit_code
     return 0
 
 
-def serve(source: Source, host: str, port: int, poll_interval: float) -> None:
+def serve(served: ServedVersion, host: str, port: int, poll_interval: float) -> None:
     """Answer on host:port at once (/health says 503 until the model is loaded); load the model
     in the background; follow the alias, if there is one."""
     import uvicorn
@@ -98,18 +104,18 @@ def serve(source: Source, host: str, port: int, poll_interval: float) -> None:
 
         def load_first() -> None:
             try:
-                holder.switch(download_and_load(source, Path(scratch)))
+                holder.switch(download_and_load(served, Path(scratch)))
             except Exception as error:
                 failed.append(error)
                 server.should_exit = True
                 return
-            log.info("serving %s as %r on http://%s:%d/v1", source.pinned_uri,
-                     source.model_id, host, port)  # fmt: skip
-            if source.alias:
+            log.info("serving %s as %r on http://%s:%d/v1", served.pinned_uri,
+                     served.model_id, host, port)  # fmt: skip
+            if served.alias:
                 follower.start()
 
         follower = AliasFollower(
-            holder, source, poll_interval, lambda moved: download_and_load(moved, Path(scratch))
+            holder, served, poll_interval, lambda moved: download_and_load(moved, Path(scratch))
         )
         threading.Thread(target=load_first, name="first-load", daemon=True).start()
         server.run()
@@ -117,4 +123,4 @@ def serve(source: Source, host: str, port: int, poll_interval: float) -> None:
         holder.close()
     if failed:
         error = failed[0]
-        raise PipelineError(f"cannot load {source.pinned_uri}: {error}") from None
+        raise PipelineError(f"cannot load {served.pinned_uri}: {error}") from None

@@ -38,7 +38,7 @@ from steps.config.schema import (
 )
 from steps.errors import PipelineError
 from steps.onnx.build import build_inputs, build_onnx, check_buildable
-from steps.serving.chat import CHAT_EXAMPLE, chat_signature
+from steps.serving.chat import CHAT_EXAMPLE, ONNX_CODE_PATHS, chat_signature
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
 from steps.tracking.models import (
@@ -102,6 +102,7 @@ def log_onnx_chat_model(cfg: PipelineConfig, folder: Path, name: str, tags: dict
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),
+            code_paths=[str(path) for path in ONNX_CODE_PATHS],  # what MODEL_CODE imports
             artifacts={"onnx_model": str(copy)},
             model_config={
                 "model_name": name,

@@ -1,17 +1,21 @@
 """The package layout the README describes: every sub-package of steps/ imports only the layers
-below it, no entry point imports another, the ONNX chat model (which ships inside the logged
-model) imports nothing of this project, and the script packages beside steps/ (bench/, tools/)
-never import the tests, nor steps/ them."""
+below it, no entry point imports another, what ships inside the logged ONNX model (its model
+file and code_paths) imports nothing of this project but itself, and the script packages beside
+steps/ (bench/, tools/) never import the tests, nor steps/ them."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import PROJECT_ROOT
 
 from steps.config.plan import ENTRY_POINTS
+from steps.serving.chat import ONNX_CODE_PATHS
+from steps.wrap_onnx import MODEL_CODE
 
 STEPS = PROJECT_ROOT / "steps"
 # Each layer may import the layers listed before it (and itself).
@@ -47,6 +51,18 @@ def imported_layers(path: Path) -> set[str]:
     return found
 
 
+def imported_modules(path: Path) -> set[str]:
+    """Every name a module imports, `from a.b import c` as `a.b.c`; relative ones with dots."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            found |= {f"{module}.{alias.name}" for alias in node.names}
+    return found
+
+
 def layer_of(path: Path) -> str:
     relative = path.relative_to(STEPS)
     return relative.parts[0] if len(relative.parts) > 1 else relative.stem
@@ -73,7 +89,29 @@ def test_no_entry_point_imports_another(entry_point: str) -> None:
 
 
 def test_the_model_code_shipped_with_the_onnx_model_imports_nothing_of_ours() -> None:
-    assert imported_layers(STEPS / "serving" / "onnx_chat_model.py") == set()
+    """The model file and its code_paths run where this project is not installed. They may
+    import each other: by file name (MLflow puts code_paths on sys.path), or, when the project
+    imports the model file, as steps.serving modules. Anything else must be an installed
+    package, not a module of this repository."""
+    shipped = {path.stem for path in ONNX_CODE_PATHS}
+    as_ours = {f"steps.serving.{name}" for name in shipped}
+    repository = {path.stem for path in PROJECT_ROOT.iterdir()}
+    for path in (MODEL_CODE, *ONNX_CODE_PATHS):
+        for name in imported_modules(path):
+            parts = name.split(".")
+            if parts[0] == "steps":
+                assert ".".join(parts[:3]) in as_ours, (path.name, name)
+            elif parts[0] not in shipped:
+                assert parts[0] and parts[0] not in repository, (path.name, name)
+                assert importlib.util.find_spec(parts[0]) is not None, (path.name, name)
+
+
+def test_the_serving_rules_need_only_the_standard_library() -> None:
+    """chat_protocol ships inside the ONNX model and serves the transformers runtime too."""
+    core = STEPS / "serving" / "chat_protocol.py"
+    assert core in ONNX_CODE_PATHS
+    imported = {name.split(".")[0] for name in imported_modules(core)}
+    assert imported <= sys.stdlib_module_names, imported - sys.stdlib_module_names
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -1,14 +1,14 @@
 """The OpenAI-compatible server's own request checks (steps/serving/openai_api.py) and the stop-
-string scanner of its transformers runtime: each bad request is named in one short sentence with
-the field it concerns, never MLflow's schema dump. The server itself, over HTTP with the official
-client, is in test_openai_server.py."""
+string scanner both runtimes share (steps/serving/chat_protocol.py): each bad request is named in
+one short sentence with the field it concerns, never MLflow's schema dump. The server itself,
+over HTTP with the official client, is in test_openai_server.py."""
 
 from __future__ import annotations
 
 import pytest
 
+from steps.serving.chat_protocol import RequestError, StopScanner
 from steps.serving.openai_api import ChatRequest, CompletionRequest, parse
-from steps.serving.served_models import RequestError, StopScanner
 
 HELLO = [{"role": "user", "content": "Hello"}]
 

@@ -138,6 +138,8 @@ def test_models_and_health_name_the_version_served(served: Served, champions) ->
 BAD = {
     "negative temperature": ({"temperature": -1}, "temperature"),
     "content not a string": ({"messages": [{"role": "user", "content": 42}]}, "content"),
+    # The served models' own check (steps/serving/chat_protocol.py), the same in both runtimes.
+    "blank content": ({"messages": [{"role": "user", "content": " "}]}, "non-empty"),
     "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     "logprobs": ({"logprobs": True}, "logprobs"),
 }

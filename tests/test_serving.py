@@ -1,18 +1,24 @@
 """`mlflow models serve -m models:/<name>@champion` for both runtimes, from the registry of the
 real tracking server the pipeline ran against: chat and legacy-prompt requests over HTTP, 4xx
-answers to malformed requests, and concurrent clients."""
+answers to malformed requests, and concurrent clients; and the ONNX champion loaded in a process
+that imports nothing of this project, with only what ships inside it."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
 from conftest import REGISTERED, PipelineRuns, Served
 
-from steps.serving.processes import model_server
+from steps.serving.processes import clean_env, model_server
 
 pytestmark = pytest.mark.slow
 QUESTIONS = (
@@ -134,3 +140,38 @@ def test_concurrent_clients_all_get_their_own_answers(served: Served) -> None:
     assert not errors, errors
     assert all(content == alone[question] for question, _, content, _ in results)
     assert requests.get(f"{served.url}/ping", timeout=10).ok
+
+
+def test_the_onnx_champion_runs_on_what_ships_inside_it_in_a_fresh_process(
+    champions: PipelineRuns, tmp_path: Path
+) -> None:
+    """The serving rules and the engine ship with the model file (code_paths): a fresh process
+    loads and asks the model without importing anything of this project."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import mlflow
+        model = mlflow.pyfunc.load_model(sys.argv[1], dst_path=sys.argv[2])
+        (answer,) = model.predict({"messages": [{"role": "user", "content": sys.argv[3]}],
+                                   "max_tokens": 12, "temperature": 0})
+        print("FOUND" + json.dumps({
+            "content": answer["choices"][0]["message"]["content"],
+            "ours": sorted(name for name in sys.modules if name.split(".")[0] == "steps"),
+            "shipped": [sys.modules[name].__file__ for name in ("chat_protocol", "onnx_engine")],
+        }))
+        """
+    )
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", script, f"models:/{REGISTERED['onnx']}@champion", str(model_dir),
+         "What is the capital of Japan?"],
+        env=clean_env(MLFLOW_TRACKING_URI=champions.server.uri), cwd=tmp_path,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.split("FOUND", 1)[1])
+    assert found["ours"] == []
+    shipped = [Path(file) for file in found["shipped"]]
+    assert all(file.parent.name == "code" and file.is_relative_to(model_dir) for file in shipped)
+    assert "Tokyo" in found["content"]

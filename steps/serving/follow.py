@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Source:
-    """What is served: the model URI as given, and, for a registry alias, where it points."""
+class ServedVersion:
+    """The model version a server answers with: the model URI as given, and, for a registry
+    alias, where it points now."""
 
     uri: str
     registered_name: str | None = None
@@ -51,7 +52,7 @@ class Source:
 class Loaded:
     """One loaded version and the requests that still use it."""
 
-    source: Source
+    served: ServedVersion
     model: ServedModel
     folder: Path  # the downloaded copy, removed with the model
     loaded_at: float = field(default_factory=time.time)
@@ -71,6 +72,7 @@ class Loaded:
             self._free()
 
     def retire(self) -> None:
+        """No new request gets this version; free it once its last request ends."""
         with self._lock:
             self._retired = True
             free = self._leases == 0
@@ -78,14 +80,14 @@ class Loaded:
             self._free()
 
     def _free(self) -> None:
-        log.info("freeing %s (no request uses it any more)", self.source.pinned_uri)
+        log.info("freeing %s (no request uses it any more)", self.served.pinned_uri)
         self.model.close()
         self.model = None  # type: ignore[assignment]
         gc.collect()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def download_and_load(source: Source, scratch: Path) -> Loaded:
+def download_and_load(served: ServedVersion, scratch: Path) -> Loaded:
     """Copy the model's files into a folder of its own under `scratch` (removed when the model
     is freed; MLflow's own loader would leave its temp copy behind) and load it."""
     import mlflow.artifacts
@@ -94,15 +96,15 @@ def download_and_load(source: Source, scratch: Path) -> Loaded:
     folder = Path(tempfile.mkdtemp(prefix="model-", dir=scratch))
     started = time.monotonic()
     try:
-        local = mlflow.artifacts.download_artifacts(source.pinned_uri, dst_path=str(folder))
+        local = mlflow.artifacts.download_artifacts(served.pinned_uri, dst_path=str(folder))
         model = load_served(Path(local))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     log.info(
-        "loaded %s (%s) in %.1f s", source.pinned_uri, model.runtime, time.monotonic() - started
+        "loaded %s (%s) in %.1f s", served.pinned_uri, model.runtime, time.monotonic() - started
     )
-    return Loaded(source, model, folder)
+    return Loaded(served, model, folder)
 
 
 class Holder:
@@ -125,27 +127,29 @@ class Holder:
             return loaded
 
     def switch(self, new: Loaded) -> None:
+        """Serve `new` from now on; retire the version it replaces."""
         with self._lock:
             old, self._current = self._current, new
-        log.info("now serving %s", new.source.pinned_uri)
+        log.info("now serving %s", new.served.pinned_uri)
         if old is not None:
             old.retire()
 
     def close(self) -> None:
+        """Serve nothing any more; retire the current version."""
         with self._lock:
             old, self._current = self._current, None
         if old is not None:
             old.retire()
 
 
-def resolve_alias(uri: str) -> Source:
+def resolve_alias(uri: str) -> ServedVersion:
     """A `models:/name@alias` URI with the version the alias points at now; any other URI as
     it is (it does not move)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     if not (uri.startswith("models:/") and "@" in uri):
-        return Source(uri)
+        return ServedVersion(uri)
     name, alias = uri.removeprefix("models:/").rsplit("@", 1)
     try:
         version = MlflowClient().get_model_version_by_alias(name, alias)
@@ -154,7 +158,7 @@ def resolve_alias(uri: str) -> Source:
             f"cannot resolve {uri}: {error.message.splitlines()[0]}. Register a model first "
             "(make run), or pass --model-uri"
         ) from None
-    return Source(uri, name, alias, str(version.version))
+    return ServedVersion(uri, name, alias, str(version.version))
 
 
 class AliasFollower:
@@ -165,11 +169,11 @@ class AliasFollower:
     def __init__(
         self,
         holder: Holder,
-        source: Source,
+        followed: ServedVersion,
         interval: float,
-        load: Callable[[Source], Loaded],
+        load: Callable[[ServedVersion], Loaded],
     ):
-        self._holder, self._source = holder, source
+        self._holder, self._followed = holder, followed
         self._interval, self._load = interval, load
         self._stop = threading.Event()
         self._failed_version: str | None = None
@@ -185,14 +189,15 @@ class AliasFollower:
             self.poll()
 
     def poll(self) -> None:
+        """Read the alias once; if it moved, load the version it points at and switch to it."""
         try:
-            now = resolve_alias(self._source.uri)
+            now = resolve_alias(self._followed.uri)
         except Exception as error:
             log.warning("cannot read %s (%s); still serving the current version",
-                        self._source.uri, error)  # fmt: skip
+                        self._followed.uri, error)  # fmt: skip
             return
         current = self._holder.current
-        if now.version in (self._failed_version, current and current.source.version):
+        if now.version in (self._failed_version, current and current.served.version):
             return
         log.info("%s moved to version %s; loading it beside the current one", now.uri, now.version)
         try:

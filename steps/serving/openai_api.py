@@ -2,13 +2,15 @@
 and `POST /v1/completions` (answers, or server-sent event streams ending in `data: [DONE]`),
 `GET /v1/models`, `GET /health`.
 
-Requests are checked here, each problem answered in one sentence as OpenAI's error object
-(`{"error": {"message", "type", "param", "code"}}`) with the right status: 400 for a bad request
-(including a field the model cannot honour, such as `tools`, rather than ignoring it), 404 for an
-unknown model or route, 413 for a prompt longer than the context window, 503 before a model is
-loaded, 500 (one line, no traceback) otherwise. Generation runs in one thread per choice,
-which hands each decoded piece to the event loop at once; a client that goes away stops its
-generation (freeing its slot in the ONNX engine) at the next token.
+A body is checked here against OpenAI's shapes, then each model request it becomes against
+the serving rules (steps/serving/chat_protocol.py, which the models apply too); each problem is
+answered in one sentence as OpenAI's error object (`{"error": {"message", "type", "param",
+"code"}}`) with the right status: 400 for a bad request (including a field the model cannot
+honour, such as `tools`, rather than ignoring it), 404 for an unknown model or route, 413 for a
+prompt longer than the context window, 503 before a model is loaded, 500 (one line, no
+traceback) otherwise. Generation runs in one thread per choice, which hands each decoded piece
+to the event loop at once; a client that goes away stops its generation (freeing its slot in the
+ONNX engine) at the next token.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import asyncio
 import json
 import logging
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,24 +29,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steps.serving import chat_protocol as protocol
+from steps.serving.chat_protocol import (
+    IGNORED,
+    MAX_CHOICES,
+    MAX_STOPS,
+    UNSUPPORTED,
+    CheckedRequest,
+    RequestError,
+    check_supported,
+)
 from steps.serving.follow import Holder, Loaded
-from steps.serving.served_models import RequestError
 
 log = logging.getLogger(__name__)
-
-MAX_CHOICES = 8
-MAX_STOPS = 4
-# OpenAI request fields the models cannot honour. Each is accepted only with a value that asks
-# for nothing (`asks_for_nothing`), so a client that sends the neutral default still works, and
-# one that relies on the feature is told.
-UNSUPPORTED = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs",
-    "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty", "response_format",
-    "seed", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
-    "echo", "suffix", "best_of",
-)  # fmt: skip
-# Fields OpenAI defines that change nothing here: accepted and not used.
-IGNORED = ("user", "store", "metadata", "service_tier")
 
 
 class Strict(BaseModel):
@@ -76,7 +72,9 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class Sampling(Strict):
+class OpenAIRequest(Strict):
+    """What both routes' bodies share: the model and how to generate."""
+
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -94,17 +92,19 @@ class Sampling(Strict):
             raise ValueError(f"give at most {MAX_STOPS} non-empty stop strings")
         return stops
 
-    def generation(self, max_tokens: int | None) -> dict[str, Any]:
+    def options(self, max_tokens: int | None) -> dict[str, Any]:
+        """The generation fields of a model request (the ones the body sets)."""
         request = {"max_tokens": max_tokens, "temperature": self.temperature,
                    "top_p": self.top_p, "stop": self.stop}  # fmt: skip
         return {key: value for key, value in request.items() if value is not None}
 
 
-class ChatRequest(Sampling):
+class ChatRequest(OpenAIRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
     def requests(self) -> list[dict[str, Any]]:
+        """One model request per choice."""
         if None not in (self.max_tokens, self.max_completion_tokens) and (
             self.max_tokens != self.max_completion_tokens
         ):
@@ -115,22 +115,24 @@ class ChatRequest(Sampling):
             )
         limit = self.max_completion_tokens or self.max_tokens
         messages = [message.as_template_message() for message in self.messages]
-        return [{"messages": messages} | self.generation(limit)] * self.n
+        return [{"messages": messages} | self.options(limit)] * self.n
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(OpenAIRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)]
 
     def requests(self) -> list[dict[str, Any]]:
+        """One model request per prompt and choice, each prompt's choices together."""
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         return [
-            {"prompt": prompt} | self.generation(self.max_tokens)
+            {"prompt": prompt} | self.options(self.max_tokens)
             for prompt in prompts
             for _ in range(self.n)
         ]
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None):
+    """OpenAI's error object; `kind` is its `type`."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -139,27 +141,16 @@ ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "inval
 
 
 def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
+    """The error object with its status, its `type` the one OpenAI gives that status."""
     kind = ERROR_TYPES.get(status, "invalid_request_error")
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
-def asks_for_nothing(key: str, value: Any) -> bool:
-    if value is None or value is False or value in ("", "none", "auto", [], {}, {"type": "text"}):
-        return True
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return number and value == (1 if key == "best_of" else 0)
-
-
-def parse(kind: type[Sampling], body: Any) -> Sampling:
+def parse(kind: type[OpenAIRequest], body: Any) -> OpenAIRequest:
     """The request, or a RequestError naming the first thing wrong with it in one sentence."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    for key in UNSUPPORTED:
-        if key in body and not asks_for_nothing(key, body[key]):
-            raise RequestError(
-                f"`{key}` is not supported by this model; leave it out", param=key,
-                code="unsupported_parameter",
-            )  # fmt: skip
+    check_supported(body)
     body = {key: value for key, value in body.items() if key not in (*UNSUPPORTED, *IGNORED)}
     try:
         return kind.model_validate(body)
@@ -208,13 +199,13 @@ class Pumps:
 
     DONE = object()
 
-    def __init__(self, loaded: Loaded, prepared: list[Any], running: Counter):
+    def __init__(self, loaded: Loaded, checked: list[CheckedRequest], running: Counter):
         self._loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self._abandoned = threading.Event()
         self._running = running
-        for index, turn in enumerate(prepared):
-            pieces = loaded.model.generate(turn)  # the ONNX engine takes the turn now
+        for index, request in enumerate(checked):
+            pieces = loaded.model.generate(request)  # the ONNX engine takes the request now
             running.add(1)
             threading.Thread(target=self._pump, args=(index, pieces), daemon=True).start()
 
@@ -237,11 +228,11 @@ class Pumps:
 
 
 async def pieces_of(
-    loaded: Loaded, prepared: list[Any], running: Counter
+    loaded: Loaded, checked: list[CheckedRequest], running: Counter
 ) -> AsyncIterator[tuple[int, tuple]]:
     """(choice index, (text, finish reason or None, tokens so far)) as they are decoded."""
-    pumps = Pumps(loaded, prepared, running)
-    remaining = len(prepared)
+    pumps = Pumps(loaded, checked, running)
+    remaining = len(checked)
     try:
         while remaining:
             index, item = await pumps.queue.get()
@@ -255,11 +246,6 @@ async def pieces_of(
         pumps.abandon()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
-
-
 class Api:
     """The routes over a Holder."""
 
@@ -268,17 +254,20 @@ class Api:
         self.generations = Counter()
 
     def check_model(self, loaded: Loaded, requested: str) -> None:
-        if requested != loaded.source.model_id:
+        """Refuse (404) a `model` other than the one served."""
+        if requested != loaded.served.model_id:
             raise RequestError(
                 f"model {requested!r} is not served here; this server serves "
-                f"{loaded.source.model_id!r} (GET /v1/models)",
+                f"{loaded.served.model_id!r} (GET /v1/models)",
                 status=404, param="model", code="model_not_found",
             )  # fmt: skip
 
     def fingerprint(self, loaded: Loaded) -> str:
-        return f"{loaded.source.model_id}:{loaded.source.version or loaded.model.runtime}"
+        """`system_fingerprint`: `<model id>:<version>`, which version answered."""
+        return f"{loaded.served.model_id}:{loaded.served.version or loaded.model.runtime}"
 
-    async def answer(self, request: Request, kind: type[Sampling], chat: bool):
+    async def respond(self, request: Request, kind: type[OpenAIRequest], chat: bool):
+        """Answer one route's request: whole, or as a stream of server-sent events."""
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -289,26 +278,27 @@ class Api:
         try:
             parsed = parse(kind, body)
             self.check_model(loaded, parsed.model)
-            turns = parsed.requests()
-            prepared = [loaded.model.prepare(turn) for turn in turns]
+            checked = [loaded.model.check(one) for one in parsed.requests()]
         except RequestError as error:
             loaded.release()
             return error_response(error.status, str(error), error.param, error.code)
         except BaseException:  # answered as a 500 by the app's handler
             loaded.release()
             raise
-        prompt_tokens = sum(loaded.model.prompt_tokens(p) for p in prepared[:: parsed.n])
-        header = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": loaded.source.model_id,
-            "system_fingerprint": self.fingerprint(loaded),
-        }
+        prompt_tokens = sum(len(one.ids) for one in checked[:: parsed.n])
+        start = protocol.header(
+            ("chat.completion.chunk" if parsed.stream else "chat.completion")
+            if chat
+            else "text_completion",
+            loaded.served.model_id,
+            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            system_fingerprint=self.fingerprint(loaded),
+        )
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             release: list[Callable[[], Any]] = []
             events = self._events(
-                loaded, prepared, header, chat, prompt_tokens, include_usage, release
+                loaded, checked, start, chat, prompt_tokens, include_usage, release
             )
             # The lease ends when the stream does, or, for a stream that never started (its
             # client gone before the first byte), when the generator is collected: once.
@@ -319,67 +309,42 @@ class Api:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            return await self._whole(loaded, prepared, header, chat, prompt_tokens)
+            return await self._whole(loaded, checked, start, prompt_tokens)
         finally:
             loaded.release()
 
-    async def _whole(self, loaded, prepared, header, chat: bool, prompt_tokens: int):
-        texts = [[] for _ in prepared]
-        finishes: list[str | None] = [None] * len(prepared)
-        counts = [0] * len(prepared)
-        async for index, (piece, finish, count) in pieces_of(loaded, prepared, self.generations):
-            texts[index].append(piece)
-            finishes[index] = finish or finishes[index]
-            counts[index] = count
-        choices = []
-        for index, parts in enumerate(texts):
-            text = "".join(parts)
-            choice = {"index": index, "finish_reason": finishes[index] or "length",
-                      "logprobs": None}  # fmt: skip
-            message = {"role": "assistant", "content": text}
-            choice |= {"message": message} if chat else {"text": text}
-            choices.append(choice)
-        return JSONResponse(
-            header
-            | {
-                "object": "chat.completion" if chat else "text_completion",
-                "choices": choices,
-                "usage": usage(prompt_tokens, sum(counts)),
-            }
-        )
+    async def _whole(self, loaded, checked, start, prompt_tokens: int):
+        completions = [protocol.Completion() for _ in checked]
+        async for index, piece in pieces_of(loaded, checked, self.generations):
+            completions[index].add(piece)
+        return JSONResponse(protocol.answer(start, completions, prompt_tokens, logprobs=None))
 
-    async def _events(self, loaded, prepared, header, chat, prompt_tokens, include_usage, release):
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        counts = [0] * len(prepared)
+    async def _events(self, loaded, checked, start, chat, prompt_tokens, include_usage, release):
+        counts = [0] * len(checked)
 
         def event(choices: list[dict], **extra) -> str:
-            chunk = header | {"object": kind, "choices": choices} | extra
+            chunk = start | {"choices": choices} | extra
             if include_usage and "usage" not in extra:
                 chunk["usage"] = None
             return f"data: {json.dumps(chunk)}\n\n"
 
         def choice(index: int, text: str | None, finish: str | None, first: bool = False):
-            if not chat:
-                return {"index": index, "text": text or "", "finish_reason": finish,
-                        "logprobs": None}  # fmt: skip
-            delta = {"role": "assistant", "content": text} if first else {}
-            if text and not first:
-                delta = {"content": text}
-            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            if chat:
+                return protocol.delta_choice(index, text, finish, first, logprobs=None)
+            return {"index": index, "text": text or "", "finish_reason": finish,
+                    "logprobs": None}  # fmt: skip
 
         try:
             if chat:  # OpenAI's first chunk of each choice names the role
-                yield event([choice(i, "", None, first=True) for i in range(len(prepared))])
-            async for index, (piece, finish, count) in pieces_of(
-                loaded, prepared, self.generations
-            ):
+                yield event([choice(i, "", None, first=True) for i in range(len(checked))])
+            async for index, (piece, finish, count) in pieces_of(loaded, checked, self.generations):
                 counts[index] = count
                 if piece:
                     yield event([choice(index, piece, None)])
                 if finish is not None:
                     yield event([choice(index, None, finish)])
             if include_usage:
-                yield event([], usage=usage(prompt_tokens, sum(counts)))
+                yield event([], usage=protocol.usage(prompt_tokens, sum(counts)))
             yield "data: [DONE]\n\n"
         except Exception as error:  # the status line is sent: say it in the stream
             log.exception("generation failed")
@@ -390,6 +355,8 @@ class Api:
 
 
 def create_app(holder: Holder) -> FastAPI:
+    """The server's FastAPI app: the OpenAI routes and /health over the version `holder`
+    serves, every error as OpenAI's error object (404 for an unknown route, 500 in one line)."""
     app = FastAPI(title="llm-to-mlflow OpenAI-compatible server", docs_url=None, redoc_url=None)
     api = Api(holder)
 
@@ -411,28 +378,28 @@ def create_app(holder: Holder) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await api.answer(request, ChatRequest, chat=True)
+        return await api.respond(request, ChatRequest, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await api.answer(request, CompletionRequest, chat=False)
+        return await api.respond(request, CompletionRequest, chat=False)
 
     @app.get("/v1/models")
     async def models():
         loaded = holder.current
         if loaded is None:
             return error_response(503, "the model is still loading; retry shortly")
-        source = loaded.source
+        served = loaded.served
         entry = {
-            "id": source.model_id,
+            "id": served.model_id,
             "object": "model",
             "created": int(loaded.loaded_at),
             "owned_by": "llm-to-mlflow",
             "runtime": loaded.model.runtime,
-            "model_uri": source.uri,
-            "registered_name": source.registered_name,
-            "alias": source.alias,
-            "version": source.version,
+            "model_uri": served.uri,
+            "registered_name": served.registered_name,
+            "alias": served.alias,
+            "version": served.version,
         }
         return {"object": "list", "data": [entry]}
 
@@ -441,7 +408,7 @@ def create_app(holder: Holder) -> FastAPI:
         loaded = holder.current
         if loaded is None:
             return error_response(503, "the model is still loading")
-        return {"status": "ok", "model": loaded.source.model_id,
-                "version": loaded.source.version, "generating": api.generations.value}  # fmt: skip
+        return {"status": "ok", "model": loaded.served.model_id,
+                "version": loaded.served.version, "generating": api.generations.value}  # fmt: skip
 
     return app

@@ -21,6 +21,7 @@ import requests
 
 
 def free_port() -> int:
+    """A loopback port no one listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -30,6 +31,9 @@ def free_port() -> int:
 def running(
     command: list[str], env: dict[str, str], health_url: str, log: Path, timeout: float = 180
 ) -> Iterator[subprocess.Popen]:
+    """Start `command` in a process group of its own, its output into `log`; yield it once
+    `health_url` answers, and stop the whole group when the block ends. A child that exits or
+    does not answer within `timeout` seconds fails with the tail of its log."""
     with log.open("wb") as sink:
         process = subprocess.Popen(
             command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
@@ -65,6 +69,8 @@ CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_T
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """This environment for a child server: no MLflow or Hub settings but the credentials, this
+    Python's folder first on PATH, and `extra`."""
     env = {
         k: v
         for k, v in os.environ.items()
