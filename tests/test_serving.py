@@ -6,6 +6,7 @@ that imports nothing of this project, with only what ships inside it."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -14,11 +15,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlflow
 import pytest
 import requests
 from conftest import REGISTERED, PipelineRuns, Served
 
+from steps.serving.chat_protocol import RequestError
 from steps.serving.processes import clean_env, model_server
+from steps.serving.served_models import load_served
 
 pytestmark = pytest.mark.slow
 QUESTIONS = (
@@ -175,3 +179,25 @@ def test_the_onnx_champion_runs_on_what_ships_inside_it_in_a_fresh_process(
     shipped = [Path(file) for file in found["shipped"]]
     assert all(file.parent.name == "code" and file.is_relative_to(model_dir) for file in shipped)
     assert "Tokyo" in found["content"]
+
+
+def test_an_onnx_model_logged_before_the_serving_core_is_served_with_todays_rules(
+    champions: PipelineRuns, tmp_path: Path
+) -> None:
+    """An older wrap_onnx shipped no code folder (the rules were in its model file): `steps
+    serve` serves its ONNX folder and settings with today's model code and rules."""
+    mlflow.set_tracking_uri(champions.server.uri)
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{REGISTERED['onnx']}@champion", dst_path=str(tmp_path)
+        )
+    )
+    shutil.rmtree(model_dir / "code")
+    served = load_served(model_dir)
+    try:
+        checked = served.check(chat("What is the capital of Japan?"))
+        assert "Tokyo" in "".join(text for text, _, _ in served.generate(checked))
+        with pytest.raises(RequestError, match="must be a non-empty string"):
+            served.check({"messages": [{"role": "user", "content": " "}]})
+    finally:
+        served.close()

@@ -191,17 +191,32 @@ def load_served(model_dir: Path) -> ServedModel:
         pipeline = mlflow.transformers.load_model(str(model_dir))
         defaults = flavors["python_function"].get("model_config") or {}
         return TransformersServed(pipeline, {"max_new_tokens": 256} | defaults)
+    pyfunc = flavors.get("python_function", {})
+    if "onnx_model" in pyfunc.get("artifacts", {}) and not (model_dir / "code").is_dir():
+        # An older wrap_onnx built the serving rules into its model file and shipped no code
+        # folder; its ONNX folder and settings are what today's model file reads, so it is
+        # served with today's rules, like every model logged since.
+        return OnnxServed(_onnx_chat_model(model_dir, pyfunc))
     import mlflow.pyfunc
 
     chat_model = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model()
-    if hasattr(chat_model, "prepare_chat"):  # its model file has the serving rules built in
-        raise PipelineError(
-            f"{model_dir} is an ONNX chat model logged by an older wrap_onnx; log it again "
-            "(rerun wrap_onnx, or make run) to serve it here"
-        )
     if not hasattr(chat_model, "chat_ids"):
         raise PipelineError(
             f"{model_dir} is neither a transformers chat model nor this pipeline's ONNX chat "
             f"model (flavors: {', '.join(flavors)}); serve a wrap_transformers or wrap_onnx model"
         )
     return OnnxServed(chat_model)
+
+
+def _onnx_chat_model(model_dir: Path, pyfunc: dict[str, Any]):
+    """Today's ONNX chat model on a logged model's ONNX folder and settings."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from steps.serving.onnx_chat_model import OnnxChatModel
+
+    folder = model_dir / pyfunc["artifacts"]["onnx_model"]["path"]
+    chat_model = OnnxChatModel()
+    chat_model.load_context(
+        PythonModelContext({"onnx_model": str(folder)}, pyfunc.get("config") or {})
+    )
+    return chat_model
