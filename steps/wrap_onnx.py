@@ -41,13 +41,7 @@ from steps.onnx.build import build_inputs, build_onnx, check_buildable
 from steps.serving.chat import CHAT_EXAMPLE, ONNX_CODE_PATHS, chat_signature
 from steps.store.snapshot_store import SnapshotStore
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
-from steps.tracking.models import (
-    LoggedChatModel,
-    WrapResult,
-    log_wrap_result,
-    logged_model_name,
-    model_tags,
-)
+from steps.tracking.models import WrapResult, log_wrap_result, model_to_log
 from steps.tracking.runs import model_key, step_run
 
 log = logging.getLogger(__name__)
@@ -143,26 +137,23 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
         folder, manifest, cache, seconds = (
             built.model_dir, built.manifest, built.cache, built.seconds,
         )  # fmt: skip
-    name = logged_model_name(cfg.model.name, RUNTIME, precision, cfg.compute.target)
-    tags = model_tags(
-        RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
-        snapshot.manifest.snapshot_id,
-    ) | {"onnx.source": source.value, "onnx.cache": cache}  # fmt: skip
+    model = model_to_log(
+        cfg, RUNTIME, precision, fetched.run_id, snapshot.manifest.snapshot_id,
+        **{"onnx.source": source.value, "onnx.cache": cache},
+    )  # fmt: skip
     log.info(
         "logging the %s chat model %s (%.0f MiB) to the tracking server",
-        RUNTIME.value, name, manifest.total_bytes / 2**20,
+        RUNTIME.value, model.name, manifest.total_bytes / 2**20,
     )  # fmt: skip
-    info = log_onnx_chat_model(cfg, folder, name, tags)
-    log.info("logged %s chat model %s (%s)", RUNTIME.value, info.model_uri, name)
-    return WrapResult(
-        model=LoggedChatModel(RUNTIME, precision, info.model_uri, info.run_id),
-        tags=tags | {"model.uri": info.model_uri},
-        metrics={
-            "onnx_build_seconds": seconds,
-            "onnx_model_bytes": manifest.total_bytes,
-            "wrap_seconds": time.monotonic() - started,
-        },
-        texts={"onnx_manifest.json": manifest.to_json()},
+    info = log_onnx_chat_model(cfg, folder, model.name, model.tags)
+    log.info("logged %s chat model %s (%s)", RUNTIME.value, info.model_uri, model.name)
+    metrics = {
+        "onnx_build_seconds": seconds,
+        "onnx_model_bytes": manifest.total_bytes,
+        "wrap_seconds": time.monotonic() - started,
+    }
+    return model.logged(
+        info.model_uri, info.run_id, metrics, {"onnx_manifest.json": manifest.to_json()}
     )
 
 

@@ -34,13 +34,7 @@ from steps.errors import PipelineError
 from steps.serving.chat import CHAT_EXAMPLE
 from steps.sources.snapshots import FetchOutcome
 from steps.tracking.lineage import FetchedSnapshot, fetched_snapshot
-from steps.tracking.models import (
-    LoggedChatModel,
-    WrapResult,
-    log_wrap_result,
-    logged_model_name,
-    model_tags,
-)
+from steps.tracking.models import WrapResult, log_wrap_result, model_to_log
 from steps.tracking.runs import model_key, step_run
 
 log = logging.getLogger(__name__)
@@ -147,20 +141,14 @@ def run(cfg: PipelineConfig, fetched: FetchedSnapshot) -> WrapResult:
     chat = build_pipeline(
         snapshot.model_dir, cfg.compute, cfg.model.source.repo_id if reference else None
     )
-    precision = plan.transformers_precision(cfg)
-    tags = model_tags(
-        RUNTIME, precision, cfg.model.name, cfg.compute.name, fetched.run_id,
+    model = model_to_log(
+        cfg, RUNTIME, plan.transformers_precision(cfg), fetched.run_id,
         snapshot.manifest.snapshot_id,
     )  # fmt: skip
-    name = logged_model_name(cfg.model.name, RUNTIME, precision, cfg.compute.target)
-    log.info("logging the %s chat model %s to the tracking server", RUNTIME.value, name)
-    info = log_chat_model(chat, cfg, name, tags)
-    log.info("logged %s chat model %s (%s)", RUNTIME.value, info.model_uri, name)
-    return WrapResult(
-        model=LoggedChatModel(RUNTIME, precision, info.model_uri, info.run_id),
-        tags=tags | {"model.uri": info.model_uri},
-        metrics={"wrap_seconds": time.monotonic() - started},
-    )
+    log.info("logging the %s chat model %s to the tracking server", RUNTIME.value, model.name)
+    info = log_chat_model(chat, cfg, model.name, model.tags)
+    log.info("logged %s chat model %s (%s)", RUNTIME.value, info.model_uri, model.name)
+    return model.logged(info.model_uri, info.run_id, {"wrap_seconds": time.monotonic() - started})
 
 
 def main(cfg: PipelineConfig) -> WrapResult:

@@ -16,7 +16,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Run
 
-from steps.config.schema import Runtime, model_label
+from steps.config.schema import PipelineConfig, Runtime, model_label
 from steps.errors import PipelineError
 
 
@@ -126,6 +126,43 @@ def model_tags(
         "model.label": model_label(runtime, precision),
         "compute": compute,
     }
+
+
+@dataclass(frozen=True)
+class ModelToLog:
+    """What a wrap step names and tags the chat model it is about to log (model_to_log), and
+    what it records once the model is logged (`logged`)."""
+
+    runtime: Runtime
+    precision: str
+    name: str  # logged_model_name
+    tags: dict[str, str]  # model_tags, plus the step's own
+
+    def logged(
+        self, model_uri: str, run_id: str | None, metrics: dict[str, float],
+        texts: dict[str, str] | None = None,
+    ) -> WrapResult:  # fmt: skip
+        return WrapResult(
+            model=LoggedChatModel(self.runtime, self.precision, model_uri, run_id),
+            tags=self.tags | {"model.uri": model_uri},
+            metrics=metrics,
+            texts=texts or {},
+        )
+
+
+def model_to_log(
+    cfg: PipelineConfig, runtime: Runtime, precision: str, fetch_run_id: str, snapshot_id: str,
+    **step_tags: str,
+) -> ModelToLog:  # fmt: skip
+    """The name and tags of the model a wrap step of this config logs from a fetched snapshot."""
+    variant, compute = cfg.model.name, cfg.compute
+    return ModelToLog(
+        runtime,
+        precision,
+        logged_model_name(variant, runtime, precision, compute.target),
+        model_tags(runtime, precision, variant, compute.name, fetch_run_id, snapshot_id)
+        | step_tags,
+    )
 
 
 @dataclass(frozen=True)
