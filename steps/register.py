@@ -128,38 +128,36 @@ def main(cfg: PipelineConfig) -> RegisterResult:
         )
         model = MlflowClient().get_logged_model(chosen.model.model_id)
         link_models(run_id, [model.model_id])
-
-        def page(registered=None) -> str:
-            return register_page(
-                cfg, chosen.model.label, result.why, result.gate, table, evaluate_run, model,
-                registered,
+        registered = None
+        if not result.failures or cfg.register.allow_challenger:
+            commit, _ = git_state()
+            wrap_tags = MlflowClient().get_run(chosen.model.wrap_run_id).data.tags
+            registered = register_model(
+                name, chosen.model.model_uri, wrap_tags.get("model.key") or chosen.model.model_uri,
+                model_card(cfg, chosen, table, reference, evaluate_run, commit),
+                version_tags(cfg, chosen, evaluate_run, commit, wrap_tags), chosen.summary,
+                not result.failures, run_id, mlflow.get_tracking_uri(),
             )  # fmt: skip
-
-        if result.failures and not cfg.register.allow_challenger:
-            set_note(run_id, page())
+            mlflow.set_tags(
+                {
+                    "register.model_name": name,
+                    "register.version": registered.version,
+                    "register.alias": registered.alias,
+                    "register.created": str(registered.created).lower(),
+                    "register.champion_before": registered.champion_before or "none",
+                }
+            )
+        page = register_page(
+            cfg, chosen.model.label, result.why, result.gate, table, evaluate_run, model,
+            registered,
+        )  # fmt: skip
+        set_note(run_id, page)
+        if registered is None:
             raise PipelineError(
                 f"{chosen.model.label} failed the quality gate ({'; '.join(result.failures)}); "
                 "nothing was registered. Set register.allow_challenger=true to register it as "
                 "challenger"
             )
-        commit, _ = git_state()
-        wrap_tags = MlflowClient().get_run(chosen.model.wrap_run_id).data.tags
-        registered = register_model(
-            name, chosen.model.model_uri, wrap_tags.get("model.key") or chosen.model.model_uri,
-            model_card(cfg, chosen, table, reference, evaluate_run, commit),
-            version_tags(cfg, chosen, evaluate_run, commit, wrap_tags), chosen.summary,
-            not result.failures, run_id, mlflow.get_tracking_uri(),
-        )  # fmt: skip
-        mlflow.set_tags(
-            {
-                "register.model_name": name,
-                "register.version": registered.version,
-                "register.alias": registered.alias,
-                "register.created": str(registered.created).lower(),
-                "register.champion_before": registered.champion_before or "none",
-            }
-        )
-        set_note(run_id, page(registered))
         log.info(
             "registered %s version %s as %s (%s): load it with models:/%s@%s",
             name, registered.version, registered.alias, result.gate, name, registered.alias,
