@@ -7,7 +7,7 @@ answer arrives, so up to `--clients` requests are in flight at once. The server 
 * serial: one `og.Generator` per request, one request at a time (one worker thread, FIFO);
 * threaded: one `og.Generator` per request, all clients at once on one shared `og.Model`
   (what the pyfunc model did before it used the engine);
-* engine: the pyfunc model's own `EngineLoop` (steps/serving/onnx_chat_model.py): one `og.Engine`
+* engine: the pyfunc model's own `EngineLoop` (steps/serving/onnx_engine.py): one `og.Engine`
   owned by its own thread, which batches the requests in flight. `--engine-max-batch-sizes`
   adds runs with `engine.static_batching.max_batch_size` set in the model config;
   `--engine-counts 2` adds runs with that many engine loops on the one model, each request
@@ -43,7 +43,8 @@ import numpy as np
 import onnxruntime_genai as og
 
 from bench.runtimes import available_cores, onnx_config
-from steps.serving.onnx_chat_model import EngineLoop, Finished, Options
+from steps.serving.chat_protocol import Options
+from steps.serving.onnx_engine import EngineLoop, Finished
 
 QUESTIONS = (
     "What is the capital of France?",

@@ -48,7 +48,6 @@ except ModuleNotFoundError as missing:  # this file imported from the project's 
     from steps.serving import chat_protocol as protocol
     from steps.serving.onnx_engine import EngineLoop, Finished
 
-Options = protocol.Options  # what EngineLoop.submit takes (bench/concurrent_generation.py)
 PROVIDER_PACKAGES = {
     "cpu": "onnxruntime-genai",
     "cuda": "onnxruntime-genai-cuda",
