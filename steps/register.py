@@ -42,13 +42,7 @@ from steps.errors import PipelineError
 from steps.evaluation.selection import choose, gate_failures
 from steps.tracking.lineage import evaluate_run_to_register
 from steps.tracking.models import EvaluatedModel, evaluated_models
-from steps.tracking.pages import (
-    evaluated_table,
-    link_models,
-    model_card,
-    register_page,
-    set_note,
-)
+from steps.tracking.pages import evaluated_table, link_models, model_card, register_page, set_note
 from steps.tracking.provenance import git_state
 from steps.tracking.registry import register_model, registered_model_name
 from steps.tracking.runs import step_run
