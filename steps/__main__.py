@@ -11,6 +11,9 @@
     python -m steps serve [--model-uri URI] [--host H] [--port P]
                                          (an OpenAI-compatible server of the champion)
 
+    python -m steps add-model SOURCE [--revision R]
+                                         (a Hub repo or local folder as conf/model/<name>.yaml)
+
 It turns MLproject parameters into Hydra overrides (`mlflow run` shell-quotes `overrides` into
 one argument, so it is split here with shlex), composes and validates the config once, and calls
 the step's `main(cfg)`. Pipeline errors end as one line on stderr and a non-zero exit code.
@@ -70,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli(argv[1:])
     if argv[:1] == ["serve"]:
         from steps.serve import cli
+
+        return cli(argv[1:])
+    if argv[:1] == ["add-model"]:
+        from steps.add_model import cli
 
         return cli(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m steps", description=__doc__.split("\n\n")[0])

@@ -31,6 +31,7 @@ LAYERS = (
     "backends",
     "reproduce",
     "serve",
+    "add_model",
 )
 
 

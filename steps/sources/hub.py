@@ -49,13 +49,13 @@ def fetch_hub_snapshot(
     """Download (or find in the cache) a repo at a revision and verify every file."""
     repo_cache = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     blobs_before = _blob_sizes(repo_cache)
-    path = _download(repo_id, revision, allow_patterns)
+    path = download(repo_id, revision, allow_patterns)
     damaged = _remove_damaged_blobs(path)
     if damaged:
         log.warning("re-downloading %d damaged cached file(s): %s", len(damaged), sorted(damaged))
         for blob in damaged.values():
             blobs_before.pop(blob, None)
-        path = _download(repo_id, revision, allow_patterns)
+        path = download(repo_id, revision, allow_patterns)
         still_bad = _remove_damaged_blobs(path)
         if still_bad:
             raise FetchError(
@@ -87,7 +87,9 @@ def onnx_export_folders(repo_id: str, commit: str) -> list[str]:
     return sorted(p.rpartition("/")[0] for p in paths if p.endswith("/genai_config.json"))
 
 
-def _download(repo_id: str, revision: str, allow_patterns: list[str] | None) -> Path:
+def download(repo_id: str, revision: str, allow_patterns: list[str] | None) -> Path:
+    """The files of a repo at a revision that match the patterns (None: all), in
+    huggingface_hub's cache; the client's errors as one FetchError line saying what to do."""
     where = f"{repo_id} at revision {revision} from {constants.ENDPOINT}"
     log.info("fetching %s", where)
     try:
