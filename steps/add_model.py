@@ -88,8 +88,17 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def causal_lm_architectures() -> frozenset[str]:
+    """The text-generation model classes the installed transformers ships."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return frozenset(n for v in names for n in (v if isinstance(v, list | tuple) else [v]))
+
+
 def check_architecture(config: dict[str, Any], where: str) -> str:
-    """The architecture both runtimes build, or ConfigError naming the nearest they do."""
+    """The architecture, where both runtimes build it as a causal language model; else
+    ConfigError naming the nearest ones they do."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -106,18 +115,17 @@ def check_architecture(config: dict[str, Any], where: str) -> str:
             f"{model_type!r}; upgrade transformers or pick another model"
         )
     architecture = (config.get("architectures") or [""])[0]
-    in_builder = supported_architectures()
-    both = sorted(a for a in in_builder if hasattr(transformers, a))
+    in_builder, causal = supported_architectures(), causal_lm_architectures()
+    both = sorted(in_builder & causal)
     if architecture in both:
         return architecture
     nearest = difflib.get_close_matches(architecture, both, n=3, cutoff=0.5) or both[:3]
-    only = (
-        "transformers only"
-        if hasattr(transformers, architecture)
-        else "the ONNX builder only"
-        if architecture in in_builder
-        else "neither runtime"
-    )
+    if architecture in causal:
+        only = "transformers only"
+    elif architecture in in_builder:
+        only = "the ONNX builder only (transformers has no causal LM class of that name)"
+    else:
+        only = "neither runtime"
     raise ConfigError(
         f"{where}: {architecture or 'no architecture'} is supported by {only}; the pipeline "
         f"needs both (nearest that both build: {', '.join(nearest)})"
