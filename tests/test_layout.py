@@ -1,4 +1,4 @@
-"""The package layout the README describes: every sub-package of steps/ imports only the layers
+"""The package layout docs/layout.md describes: every sub-package of steps/ imports only the layers
 below it, no entry point imports another, what ships inside the logged ONNX model (its model
 file and code_paths) imports nothing of this project but itself, and the script packages beside
 steps/ (bench/, tools/) never import the tests, nor steps/ them."""
