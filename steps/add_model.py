@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from steps.config.compose import CONF_DIR, compose_config
 from steps.errors import ConfigError, PipelineError
 from steps.onnx.build import supported_architectures
 from steps.sources.hub import download
+from steps.store.snapshot_store import atomic_write_text
 
 # What add-model reads of a repo: never weights.
 SMALL_FILES = [
@@ -212,18 +211,16 @@ def new_variant(files: ModelFiles, name: str | None, force: bool) -> NewVariant:
 
 
 def write(variant: NewVariant) -> None:
-    """Write the YAML whole (temp file, rename) and check it composes; on failure, remove it."""
-    handle, temp = tempfile.mkstemp(dir=variant.path.parent, prefix=".add-model-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(variant.yaml)
-        os.replace(temp, variant.path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    """Write the YAML whole and check it composes; on failure, put back what was there."""
+    replaced = variant.path.read_text() if variant.path.exists() else None
+    atomic_write_text(variant.path, variant.yaml)
     try:
         compose_config([f"model={variant.name}"])
     except ConfigError:
-        variant.path.unlink(missing_ok=True)
+        if replaced is None:
+            variant.path.unlink(missing_ok=True)
+        else:
+            atomic_write_text(variant.path, replaced)
         raise
 
 
