@@ -9,7 +9,10 @@ model must be one both runtimes build: its architecture in the installed onnxrun
 builder and in transformers without remote code, and a chat template. What passes becomes
 `conf/model/<name>.yaml` in the form of the existing variants (context length from the config,
 licence from the model card), and the `mlflow run` command that uses it is printed. What does
-not pass stops with one line that says why and what to do, and nothing is written.
+not pass stops with one line that says why and what to do, and nothing is written; a model the
+parity matrix found the ONNX builds get wrong (steps/onnx/known_differences.py) is refused
+where no build can be made, and written with a warning (printed, and in the YAML's header)
+where one can.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import yaml
 from steps.config.compose import CONF_DIR, compose_config
 from steps.errors import ConfigError, PipelineError
 from steps.onnx.build import supported_architectures
+from steps.onnx.known_differences import Affects, known_differences
 from steps.sources.hub import download
 from steps.store.snapshot_store import atomic_write_text
 
@@ -62,6 +66,7 @@ class NewVariant:
     license: str
     tied_embeddings: bool
     yaml: str
+    warnings: tuple[str, ...]  # the known ONNX differences that apply to it
 
 
 def read_files(source: str, revision: str | None) -> ModelFiles:
@@ -167,6 +172,14 @@ def new_variant(files: ModelFiles, name: str | None, force: bool) -> NewVariant:
     if not config:
         raise ConfigError(f"{where} has no readable config.json: it is not an HF-format model")
     architecture = check_architecture(config, where)
+    known = known_differences(config)
+    if blocked := [k.says for k in known if k.affects is Affects.NO_BUILD]:
+        raise ConfigError(
+            f"{where}: the installed onnxruntime-genai builder cannot build {architecture} "
+            f"({'; '.join(blocked)}): pick another model, or a builder version that fixes it "
+            "(docs/models.md, the parity matrix)"
+        )
+    warnings = tuple(f"{k.affects.value}: {k.says}" for k in known)
     if not has_chat_template(files):
         raise ConfigError(
             f"{where} has no chat template (tokenizer_config.json, chat_template.jinja or "
@@ -205,9 +218,9 @@ def new_variant(files: ModelFiles, name: str | None, force: bool) -> NewVariant:
         f"# {origin} ({license_} licence), added with `python -m steps add-model`.\n"
         f"# {architecture}, {config.get('num_hidden_layers', '?')} layers, context {context}, "
         f"{'tied' if tied else 'untied'} input and output embeddings.\n"
-    )
+    ) + "".join(f"# Known ONNX difference: {warning}.\n" for warning in warnings)
     text = header + yaml.safe_dump(body, sort_keys=False)
-    return NewVariant(chosen, path, architecture, context, license_, tied, text)
+    return NewVariant(chosen, path, architecture, context, license_, tied, text, warnings)
 
 
 def write(variant: NewVariant) -> None:
@@ -239,6 +252,8 @@ def cli(argv: list[str]) -> int:
     except PipelineError as error:
         print(f"error: add-model: {error}", file=sys.stderr)
         return error.exit_code
+    for warning in variant.warnings:
+        print(f"warning: add-model: {variant.architecture}: {warning}", file=sys.stderr)
     print(
         f"wrote {variant.path.relative_to(CONF_DIR.parent)}: {variant.architecture}, context "
         f"{variant.context_length}, licence {variant.license}. Run the pipeline on it with:\n"

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steps.onnx.known_differences import Affects, known_differences
+
 SEED = 20261204
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # SmolLM2's vocabulary and its ChatML ids (<|im_start|>, <|im_end|>).
@@ -44,29 +46,6 @@ TINY = {
     "initializer_range": 0.3,
 }
 ALTERNATING = ["sliding_attention", "full_attention"]
-WINDOW_IGNORED = (
-    "the builder writes the window into genai_config.json but not into the attention (ONNX "
-    "attends to the whole sequence, as transformers does with the window off), and "
-    "onnxruntime-genai's cache then holds 2 x window positions: a longer prompt fails in "
-    "GroupQueryAttention (published Mistral-7B-Instruct v0.2 and v0.3 have no window)"
-)
-WINDOW_CACHE = (
-    "with use_sliding_window on, onnxruntime-genai's cache holds 2 x window positions and a "
-    "longer prompt fails in GroupQueryAttention (published Qwen2 and Qwen2.5 checkpoints have "
-    "use_sliding_window false)"
-)
-GEMMA3_ROPE = (
-    "the builder reads config.rope_parameters['rope_type'], which transformers 5 nests per "
-    "layer type for Gemma 3 (KeyError: 'rope_type'): no build"
-)
-OLMO_NORM = (
-    "the builder normalizes with SimplifiedLayerNormalization (RMSNorm, weight 1) where OLMo's "
-    "LayerNorm subtracts the mean: different distributions from the first layer"
-)
-GRANITE_EXPERTS = (
-    "the builder builds each layer's shared MLP only and drops the experts "
-    "(block_sparse_moe); Mamba layers fail to build (AttributeError on self_attn)"
-)
 # Gemma scales its embeddings by sqrt(hidden): wider layers keep its greedy tokens varied.
 GEMMA_INIT = 1.0
 
@@ -79,10 +58,21 @@ class Architecture:
     model_type: str
     features: str  # in words, for the docs table
     config: dict[str, Any] = field(default_factory=dict)
-    # Where the ONNX build is known not to match transformers fp32, or the int8 build not to
-    # build or run (docs/models.md says the same): what differs.
-    fp32_differs: str = ""
-    int8_differs: str = ""
+
+    @property
+    def fp32_differs(self) -> str:
+        """Why the fp32 build is known not to match transformers ("" where it should)."""
+        return _says(self, {Affects.NO_BUILD, Affects.LONG_PROMPTS, Affects.FP32})
+
+    @property
+    def int8_differs(self) -> str:
+        """Why the int8 build is known not to build or run on the parity prompt."""
+        return _says(self, {Affects.NO_BUILD, Affects.LONG_PROMPTS, Affects.QUANTIZED})
+
+
+def _says(architecture: Architecture, affects: set[Affects]) -> str:
+    found = known_differences(config_json(architecture))
+    return "; ".join(known.says for known in found if known.affects in affects)
 
 
 FEATURES = {
@@ -98,15 +88,11 @@ FEATURES = {
         Architecture(
             "MistralForCausalLM", "mistral", "sliding window on every layer, untied",
             {"sliding_window": SLIDING_WINDOW, "tie_word_embeddings": False},
-            fp32_differs=WINDOW_IGNORED,
-            int8_differs=WINDOW_IGNORED,
         ),
         Architecture(
             "Qwen2ForCausalLM", "qwen2", "QKV bias, sliding window on the upper layer, tied",
             {"tie_word_embeddings": True, "use_sliding_window": True,
              "sliding_window": SLIDING_WINDOW, "max_window_layers": 1},
-            fp32_differs=WINDOW_CACHE,
-            int8_differs=WINDOW_CACHE,
         ),
         Architecture(
             "Qwen3ForCausalLM", "qwen3", "QK-norm, untied",
@@ -129,8 +115,6 @@ FEATURES = {
             {"sliding_window": SLIDING_WINDOW, "layer_types": ALTERNATING,
              "query_pre_attn_scalar": 16, "initializer_range": GEMMA_INIT,
              "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None},
-            fp32_differs=GEMMA3_ROPE,
-            int8_differs=GEMMA3_ROPE,
         ),
         Architecture(
             "PhiForCausalLM", "phi", "partial rotary (half the head), LayerNorm, biases, untied",
@@ -155,7 +139,6 @@ FEATURES = {
         Architecture(
             "OlmoForCausalLM", "olmo", "non-parametric LayerNorm, untied",
             {"tie_word_embeddings": False},
-            fp32_differs=OLMO_NORM,
         ),
         Architecture(
             "NemotronForCausalLM", "nemotron", "partial rotary, squared ReLU, LayerNorm1P",
@@ -182,8 +165,6 @@ FEATURES = {
              "layer_types": ALTERNATING, "rope_theta": 150000.0, "rope_scaling": {
                  "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                  "truncate": False, "original_max_position_embeddings": 4096}},
-            int8_differs="the int8 build reads the original MXFP4 expert tensors "
-            "(gate_up_proj_blocks), which a bf16 or fp32 checkpoint does not have",
         ),
         Architecture(
             "Lfm2ForCausalLM", "lfm2", "short convolution layers beside attention, tied",
@@ -200,7 +181,6 @@ FEATURES = {
             {"layer_types": ["attention", "attention"], "num_local_experts": 4,
              "num_experts_per_tok": 2, "mamba_n_heads": 4, "mamba_d_head": 32,
              "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16},
-            fp32_differs=GRANITE_EXPERTS,
         ),
     )
 }  # fmt: skip

@@ -90,6 +90,14 @@ def test_a_local_folder_becomes_a_local_variant(tmp_path: Path, added: list[Path
         ),
         (repo_files(CONFIG | {"auto_map": {"AutoConfig": "x.Config"}}), [], "trust_remote_code"),
         (repo_files(template=None), [], "has no chat template"),
+        (
+            repo_files(
+                CONFIG | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+            ),
+            [],
+            "the installed onnxruntime-genai builder cannot build Gemma3ForCausalLM (the builder "
+            "reads config.rope_parameters['rope_type']",
+        ),
         (repo_files(), ["--revision", "nonesuch"], "has no revision 'nonesuch'"),
         (repo_files(), ["--name", "Bad Name"], "is not a usable variant name"),
         (repo_files(), ["--name", "smollm2-135m"], "exists: pass --force to replace it"),
@@ -105,6 +113,33 @@ def test_a_model_the_pipeline_cannot_run_is_refused_in_one_line_and_nothing_is_w
     (line,) = [line for line in err.splitlines() if line.startswith("error: add-model: ")]
     assert expected in line and "Traceback" not in err, err
     assert sorted((CONF_DIR / "model").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("config", "warned"),
+    [
+        (CONFIG, None),
+        ({**CONFIG, "use_sliding_window": True, "sliding_window": 4096}, "differ past the window"),
+        (
+            {**CONFIG, "model_type": "olmo", "architectures": ["OlmoForCausalLM"]},
+            "every ONNX build differs: the builder normalizes with SimplifiedLayerNormalization",
+        ),
+    ],
+)
+def test_a_known_onnx_difference_is_written_with_a_warning(
+    loopback_hub, added: list[Path], capsys, config: dict, warned: str | None
+) -> None:
+    loopback_hub({REPO: {COMMIT: repo_files(config)}}, {REPO: {"main": COMMIT}})
+    assert cli([REPO]) == 0
+    warnings = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")
+    ]
+    header = [line for line in added[0].read_text().splitlines() if "Known ONNX" in line]
+    if warned is None:
+        assert warnings == [] and header == []
+    else:
+        (warning,) = warnings
+        assert warned in warning and warned in header[0], (warning, header)
 
 
 def test_a_gated_repo_without_a_token_says_how_to_get_access(loopback_hub, capsys) -> None:

@@ -8,8 +8,9 @@ builder command line, against transformers fp32 on the same weights:
 - teacher-forced next-token distributions over prompt and answer (steps.evaluation.fidelity's
   own scorer): mean KL divergence below 1e-4 for fp32; int8's is reported.
 
-An architecture whose build is known not to match is an xfail that names what differs (the
-same words as docs/models.md's table); strict, so a pin that fixes it fails until both say so.
+An architecture whose build is known not to match (steps/onnx/known_differences.py, what
+add-model warns of) is an xfail that names what differs; strict, so a pin that fixes it fails
+until that list and docs/models.md's table say so.
 """
 
 from __future__ import annotations
