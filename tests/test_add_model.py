@@ -98,6 +98,15 @@ def test_a_local_folder_becomes_a_local_variant(tmp_path: Path, added: list[Path
             "the installed onnxruntime-genai builder cannot build Gemma3ForCausalLM (the builder "
             "reads config.rope_parameters['rope_type']",
         ),
+        (
+            repo_files(
+                CONFIG
+                | {"model_type": "granitemoehybrid", "layer_types": ["mamba", "attention"]}
+                | {"architectures": ["GraniteMoeHybridForCausalLM"]}
+            ),
+            [],
+            "cannot build GraniteMoeHybridForCausalLM (the builder makes attention layers only",
+        ),
         (repo_files(), ["--revision", "nonesuch"], "has no revision 'nonesuch'"),
         (repo_files(), ["--name", "Bad Name"], "is not a usable variant name"),
         (repo_files(), ["--name", "smollm2-135m"], "exists: pass --force to replace it"),

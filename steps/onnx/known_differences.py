@@ -40,8 +40,12 @@ def _qwen2_windowed(config: dict[str, Any]) -> bool:
     return bool(config.get("use_sliding_window")) and _windowed(config)
 
 
-def _granite_hybrid(config: dict[str, Any]) -> bool:
-    return bool(config.get("num_local_experts")) or "mamba" in (config.get("layer_types") or [])
+def _experts(config: dict[str, Any]) -> bool:
+    return bool(config.get("num_local_experts"))
+
+
+def _mamba_layers(config: dict[str, Any]) -> bool:
+    return "mamba" in (config.get("layer_types") or [])
 
 
 WINDOW_CACHE = (
@@ -70,10 +74,16 @@ KNOWN_DIFFERENCES = (
         "OLMo's LayerNorm subtracts the mean: the distributions differ from the first layer",
     ),
     KnownDifference(
+        "GraniteMoeHybridForCausalLM", Affects.NO_BUILD,
+        "the builder makes attention layers only: a Mamba layer fails (AttributeError on "
+        "self_attn)",
+        _mamba_layers,
+    ),
+    KnownDifference(
         "GraniteMoeHybridForCausalLM", Affects.FP32,
         "the builder builds each layer's shared MLP only and drops the experts "
-        "(block_sparse_moe); Mamba layers fail to build (AttributeError on self_attn)",
-        _granite_hybrid,
+        "(block_sparse_moe)",
+        _experts,
     ),
     KnownDifference(
         "GptOssForCausalLM", Affects.QUANTIZED,
