@@ -174,6 +174,23 @@ def test_the_server_deployment_serves_the_champion_at_the_pinned_commit() -> Non
     assert deployment.spec.strategy.rolling_update.max_unavailable == 0
 
 
+def test_the_server_deployment_needs_keys_is_scraped_and_drains_within_its_grace_period() -> None:
+    from steps.serving.api_keys import ENV_VAR
+
+    deployment, _ = (typed(document) for document in manifest("serve.yaml"))
+    pod = deployment.spec.template.spec
+    (server,) = pod.containers
+    keys = env_of(server)[ENV_VAR].value_from.secret_key_ref
+    assert (keys.name, keys.key, keys.optional) == ("llm-to-mlflow", "api-keys", None)
+    annotations = deployment.spec.template.metadata.annotations
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/port"] == str(server.ports[0].container_port)
+    # The server's drain ends before Kubernetes' SIGKILL, with time left to close the model.
+    grace = float(server.args[server.args.index("--grace-period") + 1])
+    assert 0 < grace < pod.termination_grace_period_seconds - 10
+
+
 def test_the_workflow_matches_the_github_actions_schema() -> None:
     checker = Path(sys.executable).parent / "check-jsonschema"
     path = DEPLOY / "github-actions" / "scheduled-pipeline.yml"

@@ -118,3 +118,41 @@ def test_the_stop_scanner_gives_back_held_text_when_the_answer_ends() -> None:
     scanner = StopScanner(("\n\n",))
     assert scanner.add("one\n") == ("one", False)
     assert scanner.rest() == "\n"
+
+
+def test_a_draining_server_answers_503_to_health_and_new_requests() -> None:
+    from fastapi.testclient import TestClient
+
+    from steps.serving.follow import Holder
+    from steps.serving.openai_api import DRAINING, create_app
+
+    app, api = create_app(Holder())
+    with TestClient(app) as http:
+        assert http.get("/health").json()["error"]["message"] == "the model is still loading"
+        api.drain()
+        for reply in (http.get("/health"), http.post("/v1/chat/completions", json=chat())):
+            assert reply.status_code == 503
+            assert reply.json()["error"]["message"] == DRAINING
+
+
+def test_keys_come_from_flags_files_and_the_environment_and_bad_ones_are_named(tmp_path) -> None:
+    from steps.errors import ConfigError
+    from steps.serving.api_keys import ENV_VAR, ApiKeys, load_keys
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# comment\nsk-file\n")
+    keys = ApiKeys(load_keys(["sk-flag"], [keys_file], {ENV_VAR: "sk-env-1, sk-env-2"}))
+    for key in ("sk-flag", "sk-file", "sk-env-1", "sk-env-2"):
+        assert keys.problem("/v1/models", f"Bearer {key}") is None
+    assert keys.problem("/health", None) is None
+    assert "send it as `Authorization: Bearer <key>`" in keys.problem("/v1/models", None)
+    assert keys.problem("/metrics", "Bearer sk-nope") == "the API key is not valid for this server"
+    assert not ApiKeys(load_keys([], [], {})).required
+    (tmp_path / "empty").write_text("# none yet\n")
+    for args, says in (
+        (([], [tmp_path / "missing"]), "cannot be read"),
+        (([], [tmp_path / "empty"]), "holds no key"),
+        ((["sk a"], []), "is empty or holds a space"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            load_keys(*args, {})

@@ -1,13 +1,15 @@
 """The OpenAI-compatible HTTP API over a served chat model (FastAPI): `POST /v1/chat/completions`
 and `POST /v1/completions` (answers, or server-sent event streams ending in `data: [DONE]`),
-`GET /v1/models`, `GET /health`.
+`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus: steps/serving/metrics.py).
+With API keys (steps/serving/api_keys.py) every route but /health needs one, or answers 401.
 
 A body is checked here against OpenAI's shapes, then each model request it becomes against
 the serving rules (steps/serving/chat_protocol.py, which the models apply too); each problem is
 answered in one sentence as OpenAI's error object (`{"error": {"message", "type", "param",
 "code"}}`) with the right status: 400 for a bad request (including a field the model cannot
 honour, such as `tools`, rather than ignoring it), 404 for an unknown model or route, 413 for a
-prompt longer than the context window, 503 before a model is loaded, 500 (one line, no
+prompt longer than the context window, 503 before a model is loaded and once the server is
+shutting down (`Api.drain`: streams in flight finish, new requests go elsewhere), 500 (one line, no
 traceback) otherwise. Generation runs in one thread per choice, which hands each decoded piece
 to the event loop at once; a client that goes away stops its generation (freeing its slot in the
 ONNX engine) at the next token.
@@ -19,17 +21,19 @@ import asyncio
 import json
 import logging
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steps.serving import chat_protocol as protocol
+from steps.serving.api_keys import ApiKeys
 from steps.serving.chat_protocol import (
     IGNORED,
     MAX_CHOICES,
@@ -40,6 +44,7 @@ from steps.serving.chat_protocol import (
     check_supported,
 )
 from steps.serving.follow import Holder, Loaded
+from steps.serving.metrics import CONTENT_TYPE, Asgi, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +141,10 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+               404: "not_found_error", 413: "invalid_request_error",
                503: "service_unavailable", 500: "server_error"}  # fmt: skip
+DRAINING = "the server is shutting down; send the request again (another replica takes it)"
 
 
 def error_response(status: int, message: str, param=None, code=None) -> JSONResponse:
@@ -252,6 +259,31 @@ class Api:
     def __init__(self, holder: Holder):
         self.holder = holder
         self.generations = Counter()
+        self.metrics = Metrics()
+        self.draining = threading.Event()
+
+    def drain(self) -> None:
+        """Stop taking requests (/health and new requests answer 503); those in flight go on."""
+        self.draining.set()
+
+    async def pieces(
+        self, loaded: Loaded, checked: list[CheckedRequest], arrived: float
+    ) -> AsyncIterator[tuple[int, tuple]]:
+        """pieces_of, measured: waiting until the first token, its time, the tokens made."""
+        counts, waiting = [0] * len(checked), True
+        self.metrics.waiting.inc()
+        try:
+            async for index, piece in pieces_of(loaded, checked, self.generations):
+                if waiting:
+                    waiting = False
+                    self.metrics.waiting.dec()
+                    self.metrics.first_token.observe(time.perf_counter() - arrived)
+                counts[index] = piece[2]
+                yield index, piece
+        finally:
+            if waiting:
+                self.metrics.waiting.dec()
+            self.metrics.tokens.inc(sum(counts))
 
     def check_model(self, loaded: Loaded, requested: str) -> None:
         """Refuse (404) a `model` other than the one served."""
@@ -268,6 +300,9 @@ class Api:
 
     async def respond(self, request: Request, kind: type[OpenAIRequest], chat: bool):
         """Answer one route's request: whole, or as a stream of server-sent events."""
+        arrived = time.perf_counter()
+        if self.draining.is_set():
+            return error_response(503, DRAINING)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -298,7 +333,7 @@ class Api:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             release: list[Callable[[], Any]] = []
             events = self._events(
-                loaded, checked, start, chat, prompt_tokens, include_usage, release
+                loaded, checked, start, chat, prompt_tokens, include_usage, release, arrived
             )
             # The lease ends when the stream does, or, for a stream that never started (its
             # client gone before the first byte), when the generator is collected: once.
@@ -309,17 +344,19 @@ class Api:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            return await self._whole(loaded, checked, start, prompt_tokens)
+            return await self._whole(loaded, checked, start, prompt_tokens, arrived)
         finally:
             loaded.release()
 
-    async def _whole(self, loaded, checked, start, prompt_tokens: int):
+    async def _whole(self, loaded, checked, start, prompt_tokens: int, arrived: float):
         completions = [protocol.Completion() for _ in checked]
-        async for index, piece in pieces_of(loaded, checked, self.generations):
+        async for index, piece in self.pieces(loaded, checked, arrived):
             completions[index].add(piece)
         return JSONResponse(protocol.answer(start, completions, prompt_tokens, logprobs=None))
 
-    async def _events(self, loaded, checked, start, chat, prompt_tokens, include_usage, release):
+    async def _events(
+        self, loaded, checked, start, chat, prompt_tokens, include_usage, release, arrived
+    ):
         counts = [0] * len(checked)
 
         def event(choices: list[dict], **extra) -> str:
@@ -337,7 +374,7 @@ class Api:
         try:
             if chat:  # OpenAI's first chunk of each choice names the role
                 yield event([choice(i, "", None, first=True) for i in range(len(checked))])
-            async for index, (piece, finish, count) in pieces_of(loaded, checked, self.generations):
+            async for index, (piece, finish, count) in self.pieces(loaded, checked, arrived):
                 counts[index] = count
                 if piece:
                     yield event([choice(index, piece, None)])
@@ -354,18 +391,39 @@ class Api:
             release[0]()
 
 
-def create_app(holder: Holder) -> FastAPI:
-    """The server's FastAPI app: the OpenAI routes and /health over the version `holder`
-    serves, every error as OpenAI's error object (404 for an unknown route, 500 in one line)."""
+def require_api_key(app: Asgi, keys: ApiKeys) -> Asgi:
+    """ASGI middleware: a request without a valid key (ApiKeys.problem) is answered 401."""
+
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            if problem := keys.problem(scope["path"], authorization):
+                response = error_response(401, problem, code="invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+        return await app(scope, receive, send)
+
+    return checked
+
+
+def create_app(holder: Holder, keys: ApiKeys | None = None) -> tuple[FastAPI, Api]:
+    """The server's FastAPI app: the OpenAI routes, /health and /metrics over the version
+    `holder` serves, every error as OpenAI's error object (404 for an unknown route, 500 in one
+    line), every route but /health behind `keys` where there are any; and its Api (to drain)."""
     app = FastAPI(title="llm-to-mlflow OpenAI-compatible server", docs_url=None, redoc_url=None)
     api = Api(holder)
+    if keys is not None and keys.required:
+        app.add_middleware(require_api_key, keys=keys)
+    # Outermost: 401s are counted too.
+    app.add_middleware(api.metrics.middleware)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 404:
             return error_response(404, f"no route {request.method} {request.url.path}; this "
                                   "server answers /v1/chat/completions, /v1/completions, "
-                                  "/v1/models and /health")  # fmt: skip
+                                  "/v1/models, /health and /metrics")  # fmt: skip
         if error.status_code == 405:
             return error_response(400, f"{request.method} is not allowed on {request.url.path}")
         return error_response(error.status_code, str(error.detail))
@@ -403,12 +461,21 @@ def create_app(holder: Holder) -> FastAPI:
         }
         return {"object": "list", "data": [entry]}
 
+    @app.get("/metrics")
+    async def metrics():
+        if (loaded := holder.current) is not None:
+            served = loaded.served
+            api.metrics.serving(served.model_id, served.version, loaded.model.runtime)
+        return Response(api.metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/health")
     async def health():
         loaded = holder.current
+        if api.draining.is_set():
+            return error_response(503, DRAINING)
         if loaded is None:
             return error_response(503, "the model is still loading")
         return {"status": "ok", "model": loaded.served.model_id,
                 "version": loaded.served.version, "generating": api.generations.value}  # fmt: skip
 
-    return app
+    return app, api

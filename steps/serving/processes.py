@@ -98,19 +98,31 @@ def model_server(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def openai_server(
-    model_uri: str | None, tracking_uri: str, log: Path, poll_interval: float = 30.0
-) -> Iterator[str]:
-    """`python -m steps serve` of a model (None: its default, the champion) in this environment;
-    yields its base URL once the model is loaded (its /health answers 200)."""
+    model_uri: str | None, tracking_uri: str, log: Path, poll_interval: float = 30.0,
+    args: tuple[str, ...] = (), **env: str,
+) -> Iterator[str]:  # fmt: skip
+    """`python -m steps serve` of a model (None: its default, the champion) in this environment,
+    with more `args` and `env`; yields its base URL once the model is loaded (its /health
+    answers 200)."""
+    with openai_server_process(model_uri, tracking_uri, log, poll_interval, args, **env) as started:
+        yield started[0]
+
+
+@contextlib.contextmanager
+def openai_server_process(
+    model_uri: str | None, tracking_uri: str, log: Path, poll_interval: float = 30.0,
+    args: tuple[str, ...] = (), **env: str,
+) -> Iterator[tuple[str, subprocess.Popen]]:  # fmt: skip
+    """openai_server, yielding its process too (to signal it)."""
     port = free_port()
     command = [
         sys.executable, "-m", "steps", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--poll-interval", str(poll_interval),
+        "--poll-interval", str(poll_interval), *args,
     ]  # fmt: skip
     if model_uri:
         command += ["--model-uri", model_uri]
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="steps-serve-") as scratch:
-        env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=scratch)
-        with running(command, env, f"{url}/health", log):
-            yield url
+        env = clean_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=scratch, **env)
+        with running(command, env, f"{url}/health", log) as process:
+            yield url, process
