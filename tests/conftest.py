@@ -97,6 +97,35 @@ def mlflow_run(
     return children.run(command, bound, env=env, cwd=cwd)
 
 
+@dataclass(frozen=True)
+class PipelineJob:
+    """One `mlflow run` of a project among several started at once, into its own store."""
+
+    tracking_uri: str
+    env: dict[str, str]
+    args: tuple[str, ...]
+    log: Path
+    project: Path = PROJECT_ROOT
+
+
+def run_pipelines_at_once(jobs: dict[str, PipelineJob], bound: float = 600) -> dict[str, Run]:
+    """Start every job's `mlflow run` (as scheduled jobs would run), wait for all, and return
+    each one's `main` run; a job that fails fails the caller with its log's tail."""
+    running = {}
+    for name, job in jobs.items():
+        command, cwd = mlflow_run_command(*job.args, env=job.env, project=job.project)
+        running[name] = children.start(command, job.log, env=job.env, cwd=cwd)
+    with children.reaped(list(running.values())):
+        codes = {name: children.wait(p, bound, jobs[name].log) for name, p in running.items()}
+    parents = {}
+    for name, job in jobs.items():
+        assert codes[name] == 0, f"{name}: mlflow run failed:\n{job.log.read_text()[-4000:]}"
+        client = MlflowClient(job.tracking_uri)
+        experiment = client.get_experiment_by_name("e2e").experiment_id
+        (parents[name],) = client.search_runs([experiment], "tags.`pipeline.step` = 'main'")
+    return parents
+
+
 def project_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     """The caller's environment without MLflow or Hub settings, with this interpreter's
     environment first on PATH (`mlflow run` resolves `python` from there)."""

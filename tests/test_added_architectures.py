@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import children
 import mlflow
 import pytest
 import yaml
 from architectures import FEATURES, write_checkpoint
-from conftest import PROJECT_ROOT, mlflow_run_command, project_env, report_line
+from conftest import PROJECT_ROOT, PipelineJob, project_env, report_line, run_pipelines_at_once
 from fake_hub import FakeHub, folder_files
 from mlflow import MlflowClient
 
@@ -77,7 +76,7 @@ def added_pipelines(bundled_fetch, tmp_path_factory) -> dict[str, AddedRun]:
     project = root / "project"
     shutil.copytree(PROJECT_ROOT, project, ignore=NOT_COPIED)
     with FakeHub(repos, refs) as hub:
-        outputs, running = {}, {}
+        outputs, jobs = {}, {}
         for name in ADDED:
             tmp = root / f"{name}-run"
             tmp.mkdir()
@@ -91,19 +90,15 @@ def added_pipelines(bundled_fetch, tmp_path_factory) -> dict[str, AddedRun]:
             outputs[name] = added.stdout
             overrides = f"{FAST} fetch.cache_dir={tmp / 'cache'}"
             args = ("-P", f"model={name}", "-P", f"overrides={overrides}")
-            command, cwd = mlflow_run_command(*args, env=env, project=project)
-            log = tmp / "mlflow-run.log"
-            running[name] = (children.start(command, log, env=env, cwd=cwd), uri, log)
-        with children.reaped([process for process, _, _ in running.values()]):
-            codes = {name: children.wait(p, 600, log) for name, (p, _, log) in running.items()}
+            jobs[name] = PipelineJob(uri, env, args, tmp / "mlflow-run.log", project)
+        parents = run_pipelines_at_once(jobs)
     runs = {}
-    for name, (_, uri, log) in running.items():
-        assert codes[name] == 0, f"{name}: mlflow run failed:\n{log.read_text()[-4000:]}"
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("e2e").experiment_id
-        (parent,) = client.search_runs([experiment], "tags.`pipeline.step` = 'main'")
+    for name, parent in parents.items():
         variant = yaml.safe_load((project / "conf" / "model" / f"{name}.yaml").read_text())
-        runs[name] = AddedRun(name, ADDED[name], commits[name], variant, outputs[name], uri, parent)
+        runs[name] = AddedRun(
+            name, ADDED[name], commits[name], variant, outputs[name], jobs[name].tracking_uri,
+            parent,
+        )  # fmt: skip
     report_line(f"three added architectures' pipelines: {time.monotonic() - started:.1f} s")
     return runs
 

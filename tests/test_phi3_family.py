@@ -14,12 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import children
 import mlflow
 import numpy as np
 import pytest
 import requests
-from conftest import Phi3Checkpoint, mlflow_run_command, project_env, report_line
+from conftest import (
+    Phi3Checkpoint,
+    PipelineJob,
+    project_env,
+    report_line,
+    run_pipelines_at_once,
+)
 from fake_hub import FakeHub
 from mlflow import MlflowClient
 from phi3_family import END, ENDOFTEXT, STOP_AT_END, STOP_AT_ENDOFTEXT, SYSTEM, VARIANTS
@@ -64,27 +69,18 @@ def phi3_pipelines(
 ) -> dict[str, VariantRun]:
     """`mlflow run . -P model=<variant>` for the three variants at once (as three scheduled
     jobs would run), each into its own SQLite store and caches."""
-    started, running = time.monotonic(), {}
+    started, jobs = time.monotonic(), {}
     for name in sorted(VARIANTS):
         tmp = tmp_path_factory.mktemp(name)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         env = project_env(uri, **phi3_hub.env(tmp / "hf", TMPDIR=str(tmp)))
         overrides = f"wrap.onnx_source=both {FAST} fetch.cache_dir={tmp / 'cache'}"
         args = ("-P", f"model={name}", "-P", f"overrides={overrides}")
-        command, cwd = mlflow_run_command(*args, env=env)
-        log = tmp / "mlflow-run.log"
-        running[name] = (children.start(command, log, env=env, cwd=cwd), uri, log)
-    with children.reaped([process for process, _, _ in running.values()]):
-        codes = {
-            name: children.wait(process, 600, log) for name, (process, _, log) in running.items()
-        }
+        jobs[name] = PipelineJob(uri, env, args, tmp / "mlflow-run.log")
     runs = {}
-    for name, (_, uri, log) in running.items():
-        assert codes[name] == 0, f"{name}: mlflow run failed:\n{log.read_text()[-4000:]}"
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("e2e").experiment_id
-        (parent,) = client.search_runs([experiment], "tags.`pipeline.step` = 'main'")
-        runs[name] = VariantRun(phi3_checkpoints[name], uri, parent)
+    for name, parent in run_pipelines_at_once(jobs).items():
+        client = MlflowClient(jobs[name].tracking_uri)
+        runs[name] = VariantRun(phi3_checkpoints[name], jobs[name].tracking_uri, parent)
         steps = {
             tag.removeprefix("main.").removesuffix(".run_id"): client.get_run(value).info
             for tag, value in parent.data.tags.items()
