@@ -46,6 +46,14 @@ TINY = {
     "initializer_range": 0.3,
 }
 ALTERNATING = ["sliding_attention", "full_attention"]
+# Rotary on half of each head: onnxruntime's rotary cache wants a multiple of 8 dimensions, so
+# the heads are 32 wide (16 rotated) where the others are 16.
+HALF_ROTARY = {
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "partial_rotary_factor": 0.5,
+}
 # Gemma scales its embeddings by sqrt(hidden): wider layers keep its greedy tokens varied.
 GEMMA_INIT = 1.0
 
@@ -118,8 +126,7 @@ FEATURES = {
         ),
         Architecture(
             "PhiForCausalLM", "phi", "partial rotary (half the head), LayerNorm, biases, untied",
-            {"tie_word_embeddings": False, "num_attention_heads": 2, "num_key_value_heads": 2,
-             "head_dim": 32, "partial_rotary_factor": 0.5},
+            {"tie_word_embeddings": False, **HALF_ROTARY},
         ),
         Architecture(
             "Phi3ForCausalLM", "phi3", "LongRoPE scaling past a short original context, untied",
@@ -142,8 +149,7 @@ FEATURES = {
         ),
         Architecture(
             "NemotronForCausalLM", "nemotron", "partial rotary, squared ReLU, LayerNorm1P",
-            {"tie_word_embeddings": False, "num_attention_heads": 2, "num_key_value_heads": 2,
-             "head_dim": 32, "partial_rotary_factor": 0.5},
+            {"tie_word_embeddings": False, **HALF_ROTARY},
         ),
         Architecture(
             "SmolLM3ForCausalLM", "smollm3", "no rope on every other layer, tied",

@@ -144,15 +144,23 @@ def _expected_answer(reference: Reference) -> list[int]:
     return answer[:-1] if answer and answer[-1] == EOS else answer
 
 
+def measured(
+    architecture: Architecture, checkpoint: Path, reference: Reference, precision: str
+) -> tuple[OnnxRun, float]:
+    """The `precision` build run on the parity prompt, its prompt ids checked and its KLD to
+    transformers fp32 recorded for the report."""
+    onnx = run_onnx(build(checkpoint, checkpoint.parent / precision, precision), reference)
+    assert onnx.prompt_ids == reference.prompt_ids
+    divergence = kld(reference, onnx)
+    MEASURED.setdefault(architecture.name, {})[precision] = divergence
+    return onnx, divergence
+
+
 def test_fp32_gives_transformers_prompt_ids_greedy_tokens_and_distributions(
     architecture: Architecture, checkpoint: Path, reference: Reference, request
 ) -> None:
     request.applymarker(known(architecture.fp32_differs))
-    folder = build(checkpoint, checkpoint.parent / "fp32", "fp32")
-    onnx = run_onnx(folder, reference)
-    assert onnx.prompt_ids == reference.prompt_ids
-    divergence = kld(reference, onnx)
-    MEASURED.setdefault(architecture.name, {})["fp32"] = divergence
+    onnx, divergence = measured(architecture, checkpoint, reference, "fp32")
     assert onnx.answer == _expected_answer(reference)
     assert divergence < KLD_FP32
 
@@ -161,11 +169,7 @@ def test_int8_builds_and_reads_the_same_prompt(
     architecture: Architecture, checkpoint: Path, reference: Reference, request
 ) -> None:
     request.applymarker(known(architecture.int8_differs))
-    folder = build(checkpoint, checkpoint.parent / "int8", "int8")
-    onnx = run_onnx(folder, reference)
-    assert onnx.prompt_ids == reference.prompt_ids
-    divergence = kld(reference, onnx)
-    MEASURED.setdefault(architecture.name, {})["int8"] = divergence
+    _, divergence = measured(architecture, checkpoint, reference, "int8")
     assert np.isfinite(divergence) and divergence > 0
 
 
