@@ -22,7 +22,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
 # From a cached short answer to a long stream on 2 CPU cores.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -32,7 +31,9 @@ Asgi = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, routes: tuple[str, ...]) -> None:
+        """`routes`: the paths counted by name (any other is `other`)."""
+        self.routes = frozenset(routes)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -71,7 +72,7 @@ class Metrics:
         async def counted(scope, receive, send):
             if scope["type"] != "http":
                 return await app(scope, receive, send)
-            route = scope["path"] if scope["path"] in ROUTES else "other"
+            route = scope["path"] if scope["path"] in self.routes else "other"
             started, status = time.perf_counter(), [500]
             self.in_flight.inc()
 

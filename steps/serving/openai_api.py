@@ -144,6 +144,8 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "not_found_error", 413: "invalid_request_error",
                503: "service_unavailable", 500: "server_error"}  # fmt: skip
+# Every route, as the 404 names them and the metrics count them.
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 DRAINING = "the server is shutting down; send the request again (another replica takes it)"
 
 
@@ -259,7 +261,7 @@ class Api:
     def __init__(self, holder: Holder):
         self.holder = holder
         self.generations = Counter()
-        self.metrics = Metrics()
+        self.metrics = Metrics(ROUTES)
         self.draining = threading.Event()
 
     def drain(self) -> None:
@@ -421,9 +423,9 @@ def create_app(holder: Holder, keys: ApiKeys | None = None) -> tuple[FastAPI, Ap
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 404:
+            answered = f"{', '.join(ROUTES[:-1])} and {ROUTES[-1]}"
             return error_response(404, f"no route {request.method} {request.url.path}; this "
-                                  "server answers /v1/chat/completions, /v1/completions, "
-                                  "/v1/models, /health and /metrics")  # fmt: skip
+                                  f"server answers {answered}")  # fmt: skip
         if error.status_code == 405:
             return error_response(400, f"{request.method} is not allowed on {request.url.path}")
         return error_response(error.status_code, str(error.detail))
