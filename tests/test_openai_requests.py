@@ -29,7 +29,7 @@ def test_a_chat_request_becomes_one_model_request_per_choice() -> None:
             max_completion_tokens=5, temperature=0, stop="\n", n=2,
         ),
     )  # fmt: skip
-    turns = parsed.requests()
+    turns = parsed.requests(parsed.plan())
     assert (
         turns
         == [
@@ -49,13 +49,16 @@ def test_a_chat_request_becomes_one_model_request_per_choice() -> None:
 
 def test_a_completion_request_with_several_prompts_asks_each_n_times() -> None:
     parsed = parse(CompletionRequest, {"model": "m", "prompt": ["a", "b"], "n": 2})
-    assert [turn["prompt"] for turn in parsed.requests()] == ["a", "a", "b", "b"]
+    assert [turn["prompt"] for turn in parsed.requests(parsed.plan())] == ["a", "a", "b", "b"]
 
 
 def test_fields_the_model_cannot_honour_are_accepted_only_when_they_ask_for_nothing() -> None:
     neutral = chat(tools=[], logprobs=False, frequency_penalty=0, response_format={"type": "text"},
                    user="alice", seed=None)  # fmt: skip
-    assert parse(ChatRequest, neutral).requests()[0]["messages"] == HELLO
+    parsed = parse(ChatRequest, neutral)
+    assert parsed.requests(parsed.plan())[0]["messages"] == HELLO
+    completion = {"model": "m", "prompt": "a", "tools": [], "response_format": {"type": "text"}}
+    assert parse(CompletionRequest, completion).prompt == "a"
 
 
 BAD = {
@@ -70,11 +73,6 @@ BAD = {
         chat(messages=[{"role": "wizard", "content": "hi"}]),
         "messages[0].role",
         "wizard",
-    ),
-    "tools": (
-        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
-        "tools",
-        "not supported",
     ),
     "logprobs": (chat(logprobs=True), "logprobs", "not supported"),
     "unknown field": (chat(colour="red"), "colour", "not a field"),
@@ -91,12 +89,20 @@ BAD = {
 def test_a_bad_request_is_named_in_one_short_sentence(case: str) -> None:
     body, param, says = BAD[case]
     with pytest.raises(RequestError) as raised:
-        parse(ChatRequest, body).requests()
+        parsed = parse(ChatRequest, body)
+        parsed.requests(parsed.plan())
     message = str(raised.value)
     assert raised.value.status == 400
     assert raised.value.param == param
     assert says in message and f"`{param}`" in message
     assert "\n" not in message and len(message) < 200, message
+
+
+def test_structured_outputs_and_tools_are_the_chat_routes_alone() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(RequestError, match="`tools` is not supported") as raised:
+        parse(CompletionRequest, {"model": "m", "prompt": "a", "tools": tools})
+    assert raised.value.param == "tools"
 
 
 def test_a_body_that_is_not_an_object_is_refused() -> None:

@@ -64,6 +64,9 @@ class Options:
     top_p: float
     stop: tuple[str, ...]
     n: int
+    # A Lark grammar (llguidance's dialect) the answer is held to: set by the OpenAI server's
+    # structured outputs and tools (steps/serving/structured.py), never by a model request.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)

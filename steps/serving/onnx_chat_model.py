@@ -63,6 +63,10 @@ def _available_cores() -> int:
 
 
 class OnnxChatModel(PythonModel):
+    # Its engine holds a turn to Options.grammar: the OpenAI server asks before it constrains
+    # (a model logged before this ships an engine that would ignore the grammar).
+    constrains_decoding = True
+
     def load_context(self, context) -> None:
         import onnxruntime_genai as og
 

@@ -150,4 +150,6 @@ class EngineLoop:
         if turn.options.do_sample:
             turn_options.set_temperature(turn.options.temperature)
             turn_options.set_top_p(turn.options.top_p)
+        if turn.options.grammar is not None:
+            turn_options.set_guidance("lark_grammar", turn.options.grammar)
         return request, request.begin_turn(np.asarray(turn.ids, dtype=np.int32), turn_options)

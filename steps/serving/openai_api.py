@@ -29,10 +29,18 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steps.serving import chat_protocol as protocol
+from steps.serving import structured
 from steps.serving.api_keys import ApiKeys
 from steps.serving.chat_protocol import (
     IGNORED,
@@ -45,6 +53,7 @@ from steps.serving.chat_protocol import (
 )
 from steps.serving.follow import Holder, Loaded
 from steps.serving.metrics import CONTENT_TYPE, Asgi, Metrics
+from steps.serving.structured import CallReader, Plan
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +67,50 @@ class TextPart(Strict):
     text: str
 
 
-class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+class FunctionCall(Strict):
+    name: str
+    arguments: str
 
-    def as_template_message(self) -> dict[str, str]:
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+    tool_call_id: str | None = None
+    refusal: None = None  # what the client's own assistant message carries back
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message, and only a tool message, needs tool_call_id")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is required (an assistant message may give tool_calls)")
+        return self
+
+    def as_template_message(self) -> dict[str, Any]:
         """The {role, content} the chat templates take (OpenAI's `developer` is the system
-        prompt of newer clients)."""
+        prompt of newer clients), with a call's or a result's fields for structured.conversation."""
         text = (
             self.content
-            if isinstance(self.content, str)
+            if isinstance(self.content, str) or self.content is None
             else "".join(part.text for part in self.content)
         )
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": text}  # fmt: skip
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(Strict):
@@ -97,6 +137,10 @@ class OpenAIRequest(Strict):
             raise ValueError(f"give at most {MAX_STOPS} non-empty stop strings")
         return stops
 
+    def plan(self) -> Plan:
+        """What the request asks beyond text (structured outputs, tools): nothing here."""
+        return Plan()
+
     def options(self, max_tokens: int | None) -> dict[str, Any]:
         """The generation fields of a model request (the ones the body sets)."""
         request = {"max_tokens": max_tokens, "temperature": self.temperature,
@@ -107,8 +151,18 @@ class OpenAIRequest(Strict):
 class ChatRequest(OpenAIRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    # Checked by steps/serving/structured.py, which names each problem's `param` itself.
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    # Accepted either way: an answer makes at most one call (steps/serving/structured.py).
+    parallel_tool_calls: bool | None = None
 
-    def requests(self) -> list[dict[str, Any]]:
+    def plan(self) -> Plan:
+        asked = {"response_format", "tools", "tool_choice"}
+        return structured.plan(self.model_dump(include=asked, exclude_none=True))
+
+    def requests(self, plan: Plan) -> list[dict[str, Any]]:
         """One model request per choice."""
         if None not in (self.max_tokens, self.max_completion_tokens) and (
             self.max_tokens != self.max_completion_tokens
@@ -119,14 +173,16 @@ class ChatRequest(OpenAIRequest):
                 param="max_tokens",
             )
         limit = self.max_completion_tokens or self.max_tokens
-        messages = [message.as_template_message() for message in self.messages]
+        messages = structured.conversation(
+            [message.as_template_message() for message in self.messages], plan.presented
+        )
         return [{"messages": messages} | self.options(limit)] * self.n
 
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)]
 
-    def requests(self) -> list[dict[str, Any]]:
+    def requests(self, plan: Plan) -> list[dict[str, Any]]:
         """One model request per prompt and choice, each prompt's choices together."""
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         return [
@@ -144,6 +200,9 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "not_found_error", 413: "invalid_request_error",
                503: "service_unavailable", 500: "server_error"}  # fmt: skip
+# The request fields the server honours for the chat route though the models' own rules
+# (chat_protocol.UNSUPPORTED, which /invocations keeps) do not: structured outputs and tools.
+STRUCTURED = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
 # Every route, as the 404 names them and the metrics count them.
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 DRAINING = "the server is shutting down; send the request again (another replica takes it)"
@@ -159,8 +218,13 @@ def parse(kind: type[OpenAIRequest], body: Any) -> OpenAIRequest:
     """The request, or a RequestError naming the first thing wrong with it in one sentence."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    check_supported(body)
-    body = {key: value for key, value in body.items() if key not in (*UNSUPPORTED, *IGNORED)}
+    handled = [key for key in STRUCTURED if key in kind.model_fields]
+    check_supported({key: value for key, value in body.items() if key not in handled})
+    body = {
+        key: value
+        for key, value in body.items()
+        if key in handled or key not in (*UNSUPPORTED, *IGNORED)
+    }
     try:
         return kind.model_validate(body)
     except ValidationError as error:
@@ -315,7 +379,10 @@ class Api:
         try:
             parsed = parse(kind, body)
             self.check_model(loaded, parsed.model)
-            checked = [loaded.model.check(one) for one in parsed.requests()]
+            plan = parsed.plan()
+            checked = [loaded.model.check(one) for one in parsed.requests(plan)]
+            if plan.grammar is not None:
+                checked = [loaded.model.constrain(one, plan.grammar) for one in checked]
         except RequestError as error:
             loaded.release()
             return error_response(error.status, str(error), error.param, error.code)
@@ -335,7 +402,7 @@ class Api:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             release: list[Callable[[], Any]] = []
             events = self._events(
-                loaded, checked, start, chat, prompt_tokens, include_usage, release, arrived
+                loaded, checked, plan, start, chat, prompt_tokens, include_usage, release, arrived
             )
             # The lease ends when the stream does, or, for a stream that never started (its
             # client gone before the first byte), when the generator is collected: once.
@@ -346,20 +413,28 @@ class Api:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            return await self._whole(loaded, checked, start, prompt_tokens, arrived)
+            return await self._whole(loaded, checked, plan, start, prompt_tokens, arrived)
         finally:
             loaded.release()
 
-    async def _whole(self, loaded, checked, start, prompt_tokens: int, arrived: float):
+    async def _whole(self, loaded, checked, plan: Plan, start, prompt_tokens: int, arrived: float):
         completions = [protocol.Completion() for _ in checked]
         async for index, piece in self.pieces(loaded, checked, arrived):
             completions[index].add(piece)
-        return JSONResponse(protocol.answer(start, completions, prompt_tokens, logprobs=None))
+        answer = protocol.answer(start, completions, prompt_tokens, logprobs=None)
+        if plan.callable:  # the text of each choice read as content or a call
+            for choice, completion in zip(answer["choices"], completions, strict=True):
+                reader = CallReader(plan.callable)
+                reader.feed(completion.text)
+                _, choice["finish_reason"] = reader.finish(completion.finish_reason)
+                choice["message"] = reader.message()
+        return JSONResponse(answer)
 
     async def _events(
-        self, loaded, checked, start, chat, prompt_tokens, include_usage, release, arrived
+        self, loaded, checked, plan, start, chat, prompt_tokens, include_usage, release, arrived
     ):
         counts = [0] * len(checked)
+        readers = [CallReader(plan.callable) for _ in checked] if plan.callable else None
 
         def event(choices: list[dict], **extra) -> str:
             chunk = start | {"choices": choices} | extra
@@ -378,8 +453,17 @@ class Api:
                 yield event([choice(i, "", None, first=True) for i in range(len(checked))])
             async for index, (piece, finish, count) in self.pieces(loaded, checked, arrived):
                 counts[index] = count
-                if piece:
-                    yield event([choice(index, piece, None)])
+                if readers is None:
+                    if piece:
+                        yield event([choice(index, piece, None)])
+                else:  # content or a call's pieces, as the reader makes them out
+                    deltas = readers[index].feed(piece)
+                    if finish is not None:
+                        held, finish = readers[index].finish(finish)
+                        deltas += held
+                    for delta in deltas:
+                        yield event([{"index": index, "delta": delta, "finish_reason": None,
+                                      "logprobs": None}])  # fmt: skip
                 if finish is not None:
                     yield event([choice(index, None, finish)])
             if include_usage:

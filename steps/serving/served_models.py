@@ -16,6 +16,7 @@ tokens generated so far); closing the iterator early stops the generation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -41,6 +42,12 @@ class ServedModel(ABC):
     def check(self, request: dict[str, Any]) -> CheckedRequest:
         """Check one model request and build its prompt ids; raises RequestError."""
         return check_request(request, self.defaults, self)
+
+    def constrain(self, checked: CheckedRequest, grammar: str) -> CheckedRequest:
+        """The checked request with its answer held to `grammar` (steps/serving/structured.py);
+        raises RequestError where this model cannot hold it."""
+        options = dataclasses.replace(checked.options, grammar=grammar)
+        return dataclasses.replace(checked, options=options)
 
     @abstractmethod
     def chat_ids(self, messages: list[dict[str, str]]) -> Sequence[int]:
@@ -71,6 +78,15 @@ class OnnxServed(ServedModel):
     def prompt_ids(self, prompt: str):
         return self._chat_model.prompt_ids(prompt)
 
+    def constrain(self, checked: CheckedRequest, grammar: str) -> CheckedRequest:
+        if not getattr(self._chat_model, "constrains_decoding", False):
+            raise RequestError(
+                "this model version was logged before its engine could hold an answer to a "
+                "schema or to tools; serve a version wrapped since (run wrap_onnx again)",
+                param="response_format",
+            )
+        return super().constrain(checked, grammar)
+
     def generate(self, checked: CheckedRequest) -> Iterator[Piece]:
         return self._chat_model.generate(checked)
 
@@ -88,6 +104,7 @@ class TransformersServed(ServedModel):
         eos = self._model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._one_at_a_time = threading.Lock()
+        self._grammar_tokenizer = None  # llguidance's view of the vocabulary, made once
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         try:
@@ -159,6 +176,8 @@ class TransformersServed(ServedModel):
         sampling: dict[str, Any] = {"do_sample": options.do_sample}
         if options.do_sample:
             sampling |= {"temperature": options.temperature, "top_p": options.top_p}
+        if options.grammar is not None:
+            sampling["logits_processor"] = [self._grammar_mask(options.grammar)]
         with self._one_at_a_time:
             if cancelled.is_set():
                 return
@@ -175,6 +194,37 @@ class TransformersServed(ServedModel):
                     )
             except Exception as error:
                 tokens.put(error)
+
+    def _grammar_mask(self, grammar: str):
+        """A logits processor that allows only the tokens `grammar` allows next (llguidance,
+        the engine onnxruntime-genai embeds, so both runtimes hold an answer alike)."""
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+        from transformers import LogitsProcessor
+
+        vocabulary = int(self._model.config.vocab_size)
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = llguidance.hf.from_tokenizer(
+                self._tokenizer, n_vocab=vocabulary, eos_token=sorted(self._eos)
+            )
+        matcher = llguidance.LLMatcher(
+            self._grammar_tokenizer, llguidance.grammar_from("lark", grammar)
+        )
+        mask = llguidance.torch.allocate_token_bitmask(1, vocabulary)
+        prompt_length: list[int] = []
+
+        class GrammarMask(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if not prompt_length:
+                    prompt_length.append(input_ids.shape[1])
+                elif not matcher.consume_token(int(input_ids[0, -1])):
+                    raise RuntimeError(f"the grammar refused a token: {matcher.get_error()}")
+                llguidance.torch.fill_next_token_bitmask(matcher, mask)
+                llguidance.torch.apply_token_bitmask_inplace(scores, mask)
+                return scores
+
+        return GrammarMask()
 
     def close(self) -> None:
         self._model = None

@@ -1,0 +1,207 @@
+"""Structured outputs and tools (steps/serving/structured.py) without a model: the grammar each
+request becomes, run by llguidance over a byte-level vocabulary (the texts it lets through and
+those it stops), the conversation the chat template gets, the reader that turns generated text
+into `content` and `tool_calls` piece by piece, and every bad request as one sentence naming
+its `param`. The same rules against real servers of both runtimes: test_structured_server.py."""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import pytest
+
+from steps.serving.chat_protocol import RequestError
+from steps.serving.openai_api import ChatRequest, parse
+from steps.serving.structured import CallReader, Plan, conversation, plan
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time"}}
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def allows(grammar: str | None, text: str) -> bool:
+    """Whether the grammar takes `text` as a whole answer (None: free text, anything goes)."""
+    if grammar is None:
+        return True
+    matcher = llguidance.LLMatcher(
+        llguidance.LLTokenizer("byte"), llguidance.grammar_from("lark", grammar), log_level=0
+    )
+    return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
+
+
+def test_a_json_schema_answer_is_held_to_the_schema_in_json_dumps_layout() -> None:
+    schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": CITY}}
+    grammar = plan({"response_format": schema}).grammar
+    assert allows(grammar, '{"city": "Paris"}')
+    assert not allows(grammar, '{"city": 3}')
+    assert not allows(grammar, '{"city": "Paris", "extra": 1}')
+    assert not allows(grammar, '{"city":"Paris"}')  # the layout json.dumps writes, alone
+    assert not allows(grammar, "Paris")
+
+
+def test_json_mode_takes_any_object_and_text_format_asks_nothing() -> None:
+    grammar = plan({"response_format": {"type": "json_object"}}).grammar
+    assert allows(grammar, '{"a": [1, 2], "b": {"c": null}}')
+    assert not allows(grammar, "[1, 2]")
+    assert plan({"response_format": {"type": "text"}}) == Plan()
+
+
+def test_required_and_named_tool_choices_allow_only_a_call_to_a_declared_function() -> None:
+    required = plan({"tools": [WEATHER, TIME], "tool_choice": "required"})
+    assert allows(required.grammar, CALL)
+    assert allows(required.grammar, '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    assert not allows(required.grammar, "It is sunny.")
+    assert not allows(required.grammar, CALL.replace("get_weather", "get_rain"))
+    assert not allows(required.grammar, CALL.replace('"Paris"', "7"))
+    assert not allows(required.grammar, CALL + "\n" + CALL)  # one call per answer
+    named = plan({"tools": [WEATHER, TIME],
+                  "tool_choice": {"type": "function", "function": {"name": "get_time"}}})  # fmt: skip
+    assert [tool.name for tool in named.callable] == ["get_time"]
+    assert not allows(named.grammar, CALL)
+    assert [tool.name for tool in named.presented] == ["get_weather", "get_time"]
+
+
+def test_auto_allows_a_call_or_text_and_none_presents_no_tools() -> None:
+    auto = plan({"tools": [WEATHER]})
+    assert allows(auto.grammar, CALL) and allows(auto.grammar, "It is sunny.\nSee you.")
+    assert not allows(auto.grammar, "<b>sunny</b>")  # "<" opens a call and nothing else
+    with_schema = plan({"tools": [WEATHER], "response_format": {"type": "json_object"}})
+    assert allows(with_schema.grammar, CALL) and allows(with_schema.grammar, '{"ok": true}')
+    assert not allows(with_schema.grammar, "It is sunny.")
+    assert plan({"tools": [WEATHER], "tool_choice": "none"}) == Plan()
+
+
+def test_tools_go_into_the_system_prompt_and_calls_and_results_back_into_the_conversation():
+    tools = plan({"tools": [WEATHER]}).presented
+    arguments = json.dumps({"city": "Paris"})
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]  # fmt: skip
+    said = conversation(messages, tools)
+    assert [m["role"] for m in said] == ["system", "user", "assistant", "user"]
+    assert said[0]["content"].startswith("Be brief.\n\nYou can call functions.")
+    assert '"name": "get_weather"' in said[0]["content"] and '"maxLength": 20' in said[0]["content"]
+    assert said[2]["content"] == CALL
+    assert said[3]["content"] == (
+        '<tool_response>\n{"name": "get_weather", "content": "18 C"}\n</tool_response>\n'
+        '<tool_response>\n{"name": "get_weather", "content": "sunny"}\n</tool_response>'
+    )
+    alone = conversation(messages[1:2], tools)
+    assert alone[0]["role"] == "system" and alone[1] == messages[1]
+
+
+@pytest.mark.parametrize("size", [1, 3, len(CALL)])
+def test_the_reader_streams_a_call_as_the_api_does_in_pieces_of_any_size(size: int) -> None:
+    tools = plan({"tools": [WEATHER, TIME]}).callable
+    reader = CallReader(tools)
+    deltas = [d for i in range(0, len(CALL), size) for d in reader.feed(CALL[i : i + size])]
+    held, finish = reader.finish("stop")
+    deltas += held
+    first = deltas[0]["tool_calls"][0]
+    assert first["index"] == 0 and first["type"] == "function"
+    assert first["id"].startswith("call_") and first["function"] == {"name": "get_weather",
+                                                                     "arguments": ""}  # fmt: skip
+    pieces = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:]]
+    assert "".join(pieces) == '{"city": "Paris"}'
+    assert all("</tool_call>" not in piece and piece for piece in pieces)
+    assert finish == "tool_calls"
+    message = reader.message()
+    assert message["content"] is None and message["tool_calls"][0]["id"] == first["id"]
+
+
+def test_the_reader_passes_text_through_and_a_cut_call_keeps_its_finish_reason() -> None:
+    reader = CallReader(plan({"tools": [WEATHER]}).callable)
+    assert reader.feed("It is ") == [{"content": "It is "}]
+    assert reader.feed("sunny") == [{"content": "sunny"}]
+    assert reader.finish("stop") == ([], "stop")
+    assert reader.message() == {"role": "assistant", "content": "It is sunny"}
+    cut = CallReader(plan({"tools": [WEATHER]}).callable)
+    cut.feed(CALL[:60])
+    _, finish = cut.finish("length")
+    assert (
+        finish == "length"
+        and cut.message()["tool_calls"][0]["function"]["arguments"]
+        == (CALL[CALL.index('{"city') : 60])
+    )
+
+
+def chat(**fields) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": "Hi"}]} | fields
+
+
+def schema_format(schema, strict=False) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": strict}}
+
+
+OPEN = {"type": "object", "properties": {"a": {"type": "string"}}}
+ANSWER = {"id": "call_1", "type": "function",
+          "function": {"name": "get_weather", "arguments": "{}"}}  # fmt: skip
+BAD = {
+    "unknown response_format type": (
+        chat(response_format={"type": "xml"}), "response_format.type", "json_schema, got 'xml'"),
+    "a schema that is not JSON Schema": (
+        chat(response_format=schema_format({"type": "bogus"})),
+        "response_format.json_schema.schema", "is not JSON Schema ($.type"),
+    "a schema the grammar engine cannot compile": (
+        chat(response_format=schema_format({"type": "string", "pattern": "(?<=a)b"})),
+        "response_format.json_schema.schema", "look-around"),
+    "a strict schema with an open object": (
+        chat(response_format=schema_format({"type": "object", "properties": {"o": OPEN}} | {
+            "required": ["o"], "additionalProperties": False}, strict=True)),
+        "response_format.json_schema.schema", "($.properties.o does not)"),
+    "a schema without a name": (
+        chat(response_format={"type": "json_schema", "json_schema": {"schema": CITY}}),
+        "response_format.json_schema.name", "letters, digits"),
+    "a tool declared twice": (
+        chat(tools=[WEATHER, WEATHER]), "tools[1].function.name", "declared twice"),
+    "a tool with an invalid parameter schema": (
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"minLength": -1}}}}}]),
+        "tools[0].function.parameters", "-1 is less than the minimum of 0"),
+    "a tool whose parameters are no object": (
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "string"}}}]),
+        "tools[0].function.parameters", "must describe an object"),
+    "tool_choice naming an undeclared function": (
+        chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "f"}}),
+        "tool_choice", "'f', which is not among the declared tools (get_weather)"),
+    "tool_choice without tools": (chat(tool_choice="required"), "tool_choice", "needs `tools`"),
+    "an unknown tool_choice": (chat(tools=[WEATHER], tool_choice="always"), "tool_choice",
+                               "auto, none, required"),
+    "a tool result that answers no call": (
+        chat(messages=[{"role": "user", "content": "Hi"},
+                       {"role": "assistant", "tool_calls": [ANSWER]},
+                       {"role": "tool", "tool_call_id": "call_2", "content": "1"}]),
+        "messages[2].tool_call_id", "'call_2' answers no call"),
+    "a tool message without its call id": (
+        chat(messages=[{"role": "tool", "content": "1"}]), "messages[0]", "needs tool_call_id"),
+    "tool calls on a user message": (
+        chat(messages=[{"role": "user", "content": "Hi", "tool_calls": [ANSWER]}]),
+        "messages[0]", "only an assistant message"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_structured_request_is_named_in_one_sentence(case: str) -> None:
+    body, param, says = BAD[case]
+    with pytest.raises(RequestError) as raised:
+        parsed = parse(ChatRequest, body)
+        parsed.requests(parsed.plan())
+    message = str(raised.value)
+    assert raised.value.status == 400
+    assert raised.value.param == param
+    assert says in message and f"`{param}" in message, message
+    assert "\n" not in message and len(message) < 220, message
