@@ -61,8 +61,8 @@ def test_required_and_named_tool_choices_allow_only_a_call_to_a_declared_functio
     assert not allows(required.grammar, CALL.replace("get_weather", "get_rain"))
     assert not allows(required.grammar, CALL.replace('"Paris"', "7"))
     assert not allows(required.grammar, CALL + "\n" + CALL)  # one call per answer
-    named = plan({"tools": [WEATHER, TIME],
-                  "tool_choice": {"type": "function", "function": {"name": "get_time"}}})  # fmt: skip
+    get_time = {"type": "function", "function": {"name": "get_time"}}
+    named = plan({"tools": [WEATHER, TIME], "tool_choice": get_time})
     assert [tool.name for tool in named.callable] == ["get_time"]
     assert not allows(named.grammar, CALL)
     assert [tool.name for tool in named.presented] == ["get_weather", "get_time"]
