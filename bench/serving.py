@@ -1,11 +1,13 @@
 """Requests/s and latency of the logged chat models at 1, 4 and 8 concurrent clients, served
 side by side: over HTTP by a real `mlflow models serve` process (`mlflow-serve`), by this
 project's OpenAI-compatible server `python -m steps serve` through the official `openai` client,
-answers whole (`openai`) and streamed (`openai-stream`, with time to first token), and
-in-process through `mlflow.pyfunc.load_model(...).predict` (`in-process`).
+answers whole (`openai`) and streamed (`openai-stream`, with time to first token), streamed
+with the answer held to a JSON Schema (`openai-json`: structured outputs, whose grammar masks
+every decoding step), and in-process through `mlflow.pyfunc.load_model(...).predict`
+(`in-process`).
 
     python -m bench.serving [--model smollm2-135m] [--compute cpu] [--runtimes onnx transformers]
-        [--clients 1 4 8] [--requests 48] [--max-tokens 32] [--onnx-model-uri URI]
+        [--modes ...] [--clients 1 4 8] [--requests 48] [--max-tokens 32] [--onnx-model-uri URI]
         [--out bench/results]
 
 Models: the pipeline's wrap_transformers and wrap_onnx models in the bench's tracking store
@@ -21,12 +23,15 @@ greedy chat requests (`max_tokens` --max-tokens, `temperature` 0; the questions 
 QUESTIONS), and each client sends its next request as soon as its previous answer arrives.
 
 Per level: wall time, requests/s (answered requests / wall), output tokens/s (sum of
-`usage.completion_tokens` / wall), p50 and p95 latency of the answered requests (streamed: until
-the last chunk), p50 and p95 time to the first content chunk (streamed only), errors (non-200
-answers, transport errors, exceptions from `predict`), scaling (requests/s over the same runtime
-and mode's 1-client requests/s), and how many answers differ from the answer the same question
-got at 1 client in the same mode (greedy decoding should make them equal). For the servers also
-their cost: requests/s over in-process requests/s at the same client count.
+`usage.completion_tokens` / wall), the decode rate of streamed modes (tokens after the first
+over the time from the first content chunk to the last: what a grammar costs, apart from the
+prompt's prefill and from how long the answers are), p50 and p95 latency of the answered
+requests (streamed: until the last chunk), p50 and p95 time to the first content chunk
+(streamed only), errors (non-200 answers, transport errors, exceptions from `predict`), scaling
+(requests/s over the same runtime and mode's 1-client requests/s), and how many answers differ
+from the answer the same question got at 1 client in the same mode (greedy decoding should make
+them equal). For the servers also their cost: requests/s over in-process requests/s at the same
+client count (where in-process is among the --modes).
 
 Results: --out/serving.json, --out/serving.md (also printed) and --out/serving.png (requests/s
 and p95 latency against clients), all three also in a run `bench-serving` with one metric per
@@ -65,7 +70,16 @@ QUESTIONS = (
 )
 RUNTIMES = ("onnx", "transformers")
 HTTP, OPENAI, OPENAI_STREAM, IN_PROCESS = "mlflow-serve", "openai", "openai-stream", "in-process"
-SERVERS = (HTTP, OPENAI, OPENAI_STREAM)
+OPENAI_JSON = "openai-json"
+SERVERS = (HTTP, OPENAI, OPENAI_STREAM, OPENAI_JSON)
+MODES = (*SERVERS, IN_PROCESS)
+# openai-json's answers: a sentence in one string, long enough that decoding dominates.
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "minLength": 60}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
 # One request waits at most this long: 8 clients on 2 cores can queue for minutes.
 REQUEST_TIMEOUT_S = 600
 
@@ -76,6 +90,7 @@ class Answer:
     completion_tokens: int
     error: str | None
     first_token_s: float | None = None  # streamed answers: when the first content arrived
+    decode_s: float | None = None  # streamed answers: from the first content to the last
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,7 @@ class Level:
     p95_s: float | None
     ttft_p50_s: float | None  # streamed only: time to the first content chunk
     ttft_p95_s: float | None
+    decode_tokens_per_s: float | None  # streamed only: tokens after the first / decode time
     scaling: float | None  # requests/s over the 1-client requests/s of this runtime and mode
     server_cost: float | None  # servers: requests/s over in-process requests/s, same clients
     answers_differing: int  # answered, but not as the same question was at 1 client
@@ -151,13 +167,20 @@ def http_sender(url: str, max_tokens: int) -> Send:
     return send
 
 
-def openai_sender(url: str, model_id: str, max_tokens: int, stream: bool) -> Send:
+def openai_sender(
+    url: str, model_id: str, max_tokens: int, stream: bool, schema: dict | None = None
+) -> Send:
     client = openai.OpenAI(
         base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
     )
+    extra = {}
+    if schema is not None:
+        extra["response_format"] = {
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}
+        }  # fmt: skip
 
     def send(question: str) -> Answer:
-        request = chat_request(question, max_tokens)
+        request = chat_request(question, max_tokens) | extra
         sent = time.perf_counter()
         try:
             if not stream:
@@ -165,16 +188,18 @@ def openai_sender(url: str, model_id: str, max_tokens: int, stream: bool) -> Sen
                 return Answer(
                     completion.choices[0].message.content, completion.usage.completion_tokens, None
                 )
-            pieces, first, tokens = [], None, 0
+            pieces, first, last, tokens = [], None, None, 0
             for chunk in client.chat.completions.create(
                 model=model_id, stream=True, stream_options={"include_usage": True}, **request
             ):
                 if chunk.usage:
                     tokens = chunk.usage.completion_tokens
                 if chunk.choices and chunk.choices[0].delta.content:
-                    first = first or time.perf_counter() - sent
+                    last = time.perf_counter() - sent
+                    first = first or last
                     pieces.append(chunk.choices[0].delta.content)
-            return Answer("".join(pieces), tokens, None, first)
+            decode = last - first if first is not None and last is not None else None
+            return Answer("".join(pieces), tokens, None, first, decode)
         except openai.OpenAIError as error:
             return Answer(None, 0, f"{type(error).__name__}: {error}")
 
@@ -234,6 +259,7 @@ def measure_runtime(
     requests_total: int,
     max_tokens: int,
     log: Path,
+    modes: list[str],
 ) -> list[Trial]:
     """Every mode of one runtime, interleaved client count by client count, so slow drift of
     the machine hits them alike. The served processes and the in-process model stay loaded
@@ -245,12 +271,17 @@ def measure_runtime(
         openai_server(model_uri, tracking_uri, openai_log) as openai_url,
     ):
         (served,) = requests.get(f"{openai_url}/v1/models", timeout=30).json()["data"]
-        senders = {
-            HTTP: http_sender(url, max_tokens),
-            OPENAI: openai_sender(openai_url, served["id"], max_tokens, stream=False),
-            OPENAI_STREAM: openai_sender(openai_url, served["id"], max_tokens, stream=True),
-            IN_PROCESS: in_process_sender(mlflow.pyfunc.load_model(model_uri), max_tokens),
+        model_id = served["id"]
+        makers = {
+            HTTP: lambda: http_sender(url, max_tokens),
+            OPENAI: lambda: openai_sender(openai_url, model_id, max_tokens, stream=False),
+            OPENAI_STREAM: lambda: openai_sender(openai_url, model_id, max_tokens, stream=True),
+            OPENAI_JSON: lambda: openai_sender(
+                openai_url, model_id, max_tokens, stream=True, schema=ANSWER_SCHEMA
+            ),
+            IN_PROCESS: lambda: in_process_sender(mlflow.pyfunc.load_model(model_uri), max_tokens),
         }
+        senders = {mode: makers[mode]() for mode in modes}
         for mode, send in senders.items():
             warm_up(mode, send)
         print(f"{runtime}: served and loaded {model_uri}, warmed up", flush=True)
@@ -290,11 +321,17 @@ def summarize(trials: list[Trial]) -> list[Level]:
         ok = answered(trial)
         rate = rates[(trial.runtime, trial.mode, trial.clients)]
         base = rates[(trial.runtime, trial.mode, 1)]
-        in_process = rates[(trial.runtime, IN_PROCESS, trial.clients)]
+        in_process = rates.get((trial.runtime, IN_PROCESS, trial.clients))
         reference = references[(trial.runtime, trial.mode)]
         p50, p95 = percentiles([o.latency_s for o in ok])
         ttft_p50, ttft_p95 = percentiles(
             [o.answer.first_token_s for o in ok if o.answer.first_token_s is not None]
+        )
+        decoded = [o.answer for o in ok if o.answer.decode_s]
+        decode_rate = (
+            sum(a.completion_tokens - 1 for a in decoded) / sum(a.decode_s for a in decoded)
+            if decoded
+            else None
         )
         errors = [o.answer.error for o in trial.outcomes if o.answer.error is not None]
         levels.append(
@@ -311,6 +348,7 @@ def summarize(trials: list[Trial]) -> list[Level]:
                 p95_s=p95,
                 ttft_p50_s=ttft_p50,
                 ttft_p95_s=ttft_p95,
+                decode_tokens_per_s=decode_rate,
                 scaling=rate / base if base else None,
                 server_cost=rate / in_process if trial.mode in SERVERS and in_process else None,
                 answers_differing=sum(
@@ -336,14 +374,16 @@ def markdown(levels: list[Level]) -> str:
 
     lines = [
         "| runtime | mode | clients | requests | errors | req/s | scaling vs 1 client | "
-        "tokens/s | p50 s | p95 s | first token p50 s | p95 s | answers differing |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "tokens/s | decode tokens/s | p50 s | p95 s | first token p50 s | p95 s | "
+        "answers differing |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in levels:
         lines.append(
             f"| {level.runtime} | {level.mode} | {level.clients} | {level.requests} | "
             f"{level.errors} | {level.requests_per_s:.2f} | {number(level.scaling, 2)} | "
-            f"{level.tokens_per_s:.1f} | {number(level.p50_s, 2)} | {number(level.p95_s, 2)} | "
+            f"{level.tokens_per_s:.1f} | {number(level.decode_tokens_per_s, 1)} | "
+            f"{number(level.p50_s, 2)} | {number(level.p95_s, 2)} | "
             f"{number(level.ttft_p50_s, 3)} | {number(level.ttft_p95_s, 3)} | "
             f"{level.answers_differing} |"
         )
@@ -351,8 +391,16 @@ def markdown(levels: list[Level]) -> str:
     lines += [
         f"- {level.runtime} {level.mode}, {level.clients} clients: {number(level.server_cost, 3)}"
         for level in levels
-        if level.mode in SERVERS
+        if level.mode in SERVERS and level.server_cost is not None
     ]
+    constrained = [lv for lv in levels if lv.mode == OPENAI_JSON and lv.decode_tokens_per_s]
+    if constrained:
+        lines += ["", "Structured outputs (openai-json's decode rate over openai-stream's):", ""]
+    rates = {(lv.runtime, lv.mode, lv.clients): lv.decode_tokens_per_s for lv in levels}
+    for level in constrained:
+        if free := rates.get((level.runtime, OPENAI_STREAM, level.clients)):
+            ratio = level.decode_tokens_per_s / free
+            lines.append(f"- {level.runtime}, {level.clients} clients: {ratio:.3f}")
     return "\n".join(lines)
 
 
@@ -389,7 +437,7 @@ def chart(levels: list[Level], path: Path) -> None:
 def level_metrics(levels: list[Level]) -> dict[str, float]:
     """`onnx.http.c8.requests_per_s`-style metrics, for the values a level has."""
     keys = ("requests_per_s", "tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s",
-            "scaling", "server_cost")  # fmt: skip
+            "decode_tokens_per_s", "scaling", "server_cost")  # fmt: skip
     metrics = {}
     for level in levels:
         prefix = f"{level.runtime}.{level.mode}.c{level.clients}"
@@ -404,6 +452,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--requests", type=int, default=48, help="per runtime, mode and clients")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -424,6 +473,7 @@ def main() -> None:
             args.requests,
             args.max_tokens,
             (args.out / f"serve-{runtime}.log").resolve(),
+            args.modes,
         )
     levels = summarize(trials)
     report = provenance(vars(args)) | {
@@ -432,7 +482,9 @@ def main() -> None:
             HTTP: "mlflow models serve --env-manager local, 1 uvicorn worker",
             OPENAI: "python -m steps serve (openai client, whole answers)",
             OPENAI_STREAM: "python -m steps serve (openai client, streamed)",
+            OPENAI_JSON: "python -m steps serve (openai client, streamed, held to answer_schema)",
         },
+        "answer_schema": ANSWER_SCHEMA,
         "questions": list(QUESTIONS),
         "levels": [asdict(level) for level in levels],
     }

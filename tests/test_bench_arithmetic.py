@@ -96,3 +96,25 @@ def test_variants_are_named_as_the_wrap_step_names_them() -> None:
         parse_variant("int4:k_quant_last")
     with pytest.raises(ValueError, match="unknown runtime kind 'vllm'; valid: transformers"):
         RuntimeSpec("x", "vllm", "/nowhere")
+
+
+def test_the_serving_bench_compares_decode_rates_of_constrained_and_free_streams() -> None:
+    from bench.serving import (
+        OPENAI_JSON,
+        OPENAI_STREAM,
+        Answer,
+        Outcome,
+        Trial,
+        markdown,
+        summarize,
+    )
+
+    def trial(mode: str, tokens: int, decode_s: float) -> Trial:
+        answers = [Answer("a", tokens, None, first_token_s=0.1, decode_s=decode_s)] * 2
+        return Trial("onnx", mode, 1, 2.0, [Outcome(0, 1.0, answer) for answer in answers])
+
+    free, constrained = summarize([trial(OPENAI_STREAM, 33, 0.4), trial(OPENAI_JSON, 21, 0.3)])
+    assert free.decode_tokens_per_s == pytest.approx(32 / 0.4)
+    assert constrained.decode_tokens_per_s == pytest.approx(20 / 0.3)
+    assert constrained.server_cost is None  # no in-process mode was timed
+    assert "- onnx, 1 clients: 0.833" in markdown([free, constrained])

@@ -12,6 +12,10 @@ tokens generated so far); closing the iterator early stops the generation.
   generate here, one request at a time (torch already spreads one generation over every core),
   with tokens decoded as they come. The prompt is built the way the flavor builds it (the chat
   template as text, tokenized without special tokens), so greedy answers equal the flavor's.
+
+A request with a grammar (structured outputs, tools: steps/serving/structured.py) is held to it
+by the ONNX engine itself and, for transformers, by llguidance's token mask in a logits
+processor.
 """
 
 from __future__ import annotations
@@ -212,14 +216,14 @@ class TransformersServed(ServedModel):
             self._grammar_tokenizer, llguidance.grammar_from("lark", grammar)
         )
         mask = llguidance.torch.allocate_token_bitmask(1, vocabulary)
-        prompt_length: list[int] = []
 
         class GrammarMask(LogitsProcessor):
+            chose = False  # whether generate() has chosen a token since the prompt
+
             def __call__(self, input_ids, scores):
-                if not prompt_length:
-                    prompt_length.append(input_ids.shape[1])
-                elif not matcher.consume_token(int(input_ids[0, -1])):
+                if self.chose and not matcher.consume_token(int(input_ids[0, -1])):
                     raise RuntimeError(f"the grammar refused a token: {matcher.get_error()}")
+                self.chose = True
                 llguidance.torch.fill_next_token_bitmask(matcher, mask)
                 llguidance.torch.apply_token_bitmask_inplace(scores, mask)
                 return scores
