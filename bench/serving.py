@@ -387,12 +387,14 @@ def markdown(levels: list[Level]) -> str:
             f"{number(level.ttft_p50_s, 3)} | {number(level.ttft_p95_s, 3)} | "
             f"{level.answers_differing} |"
         )
-    lines += ["", "Server cost (the server's req/s over in-process req/s, same client count):", ""]
-    lines += [
+    costs = [
         f"- {level.runtime} {level.mode}, {level.clients} clients: {number(level.server_cost, 3)}"
         for level in levels
-        if level.mode in SERVERS and level.server_cost is not None
+        if level.server_cost is not None
     ]
+    if costs:
+        title = "Server cost (the server's req/s over in-process req/s, same client count):"
+        lines += ["", title, "", *costs]
     constrained = [lv for lv in levels if lv.mode == OPENAI_JSON and lv.decode_tokens_per_s]
     if constrained:
         lines += ["", "Structured outputs (openai-json's decode rate over openai-stream's):", ""]

@@ -94,46 +94,46 @@ def test_a_schema_the_engine_cannot_compile_is_a_400(served: Served) -> None:
     assert "look-around" in raised.value.body["message"]
 
 
-def streamed_message(chunks) -> tuple[dict, str]:
-    """The assistant message a stream of chunks makes, as the API's clients put it together."""
-    content, calls, finish = "", {}, None
-    for chunk in chunks:
+def asked(served: Served, stream: bool, **request) -> tuple[dict, str, int]:
+    """(the assistant message as a client puts it together, finish reason, prompt tokens)."""
+    if not stream:
+        answer = create(served, **request)
+        choice = answer.choices[0]
+        message = choice.message.model_dump(exclude_none=True)
+        return message, choice.finish_reason, answer.usage.prompt_tokens
+    content, calls, finish, prompt_tokens = "", {}, None, 0
+    for chunk in create(served, stream=True, stream_options={"include_usage": True}, **request):
+        if chunk.usage:
+            prompt_tokens = chunk.usage.prompt_tokens
+        if not chunk.choices:
+            continue
         choice = chunk.choices[0]
         content += choice.delta.content or ""
         for piece in choice.delta.tool_calls or ():
-            call = calls.setdefault(piece.index, {"id": piece.id, "name": piece.function.name,
-                                                  "arguments": ""})  # fmt: skip
-            call["arguments"] += piece.function.arguments or ""
+            call = calls.setdefault(piece.index, {"id": piece.id, "type": piece.type,
+                                                  "function": {"name": piece.function.name,
+                                                               "arguments": ""}})  # fmt: skip
+            call["function"]["arguments"] += piece.function.arguments or ""
         finish = choice.finish_reason or finish
-    return {"content": content or None, "calls": list(calls.values())}, finish
+    message = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = list(calls.values())
+    return message, finish, prompt_tokens
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_tool_round_trip_calls_takes_the_result_and_answers(served: Served, stream) -> None:
-    first = create(served, tools=TOOLS, tool_choice="required")
-    message = first.choices[0].message
-    assert first.choices[0].finish_reason == "tool_calls" and message.content is None
-    (call,) = message.tool_calls
-    assert call.id.startswith("call_") and call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == {"city": "Paris"}
-    if stream:  # the same call, in the API's pieces
-        again, finish = streamed_message(create(served, tools=TOOLS, tool_choice="required",
-                                                stream=True))  # fmt: skip
-        assert finish == "tool_calls" and again["content"] is None
-        assert [(c["name"], c["arguments"]) for c in again["calls"]] == [
-            (call.function.name, call.function.arguments)
-        ]
-    result = {"role": "tool", "tool_call_id": call.id, "content": RESULT}
-    conversation = [*PARIS, message, result]
-    if stream:
-        final, finish = streamed_message(create(served, messages=conversation, tools=TOOLS,
-                                                stream=True))  # fmt: skip
-        text = final["content"]
-    else:
-        answer = create(served, messages=conversation, tools=TOOLS)
-        finish, text = answer.choices[0].finish_reason, answer.choices[0].message.content
-        assert answer.usage.prompt_tokens > first.usage.prompt_tokens + 15  # the result is in
-    assert finish in ("stop", "length") and text and not text.startswith("<tool_call>")
+    message, finish, asked_tokens = asked(served, stream, tools=TOOLS, tool_choice="required")
+    assert finish == "tool_calls" and message.get("content") is None
+    (call,) = message["tool_calls"]
+    assert call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    result = {"role": "tool", "tool_call_id": call["id"], "content": RESULT}
+    answer, finish, answered_tokens = asked(served, stream, messages=[*PARIS, message, result],
+                                           tools=TOOLS)  # fmt: skip
+    assert answered_tokens > asked_tokens + 15  # the call and its result are in the prompt
+    assert finish in ("stop", "length") and "tool_calls" not in answer
+    assert answer["content"] and not answer["content"].startswith("<")
 
 
 def test_required_always_calls_a_declared_function_with_valid_arguments(served: Served) -> None:
