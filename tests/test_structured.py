@@ -76,6 +76,7 @@ def test_auto_allows_a_call_or_text_and_none_presents_no_tools() -> None:
     assert allows(with_schema.grammar, CALL) and allows(with_schema.grammar, '{"ok": true}')
     assert not allows(with_schema.grammar, "It is sunny.")
     assert plan({"tools": [WEATHER], "tool_choice": "none"}) == Plan()
+    assert plan({"tool_choice": "auto"}) == plan({"tools": [], "tool_choice": "none"}) == Plan()
 
 
 def test_tools_go_into_the_system_prompt_and_calls_and_results_back_into_the_conversation():
@@ -181,6 +182,9 @@ BAD = {
     "tool_choice without tools": (chat(tool_choice="required"), "tool_choice", "needs `tools`"),
     "an unknown tool_choice": (chat(tools=[WEATHER], tool_choice="always"), "tool_choice",
                                "auto, none, required"),
+    "a tool_choice function that is no object": (
+        chat(tools=[WEATHER], tool_choice={"type": "function", "function": "get_weather"}),
+        "tool_choice", '{"type": "function", "function": {"name": ...}}'),
     "a tool result that answers no call": (
         chat(messages=[{"role": "user", "content": "Hi"},
                        {"role": "assistant", "tool_calls": [ANSWER]},

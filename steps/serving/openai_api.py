@@ -3,16 +3,17 @@ and `POST /v1/completions` (answers, or server-sent event streams ending in `dat
 `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus: steps/serving/metrics.py).
 With API keys (steps/serving/api_keys.py) every route but /health needs one, or answers 401.
 
-A body is checked here against OpenAI's shapes, then each model request it becomes against
-the serving rules (steps/serving/chat_protocol.py, which the models apply too); each problem is
-answered in one sentence as OpenAI's error object (`{"error": {"message", "type", "param",
-"code"}}`) with the right status: 400 for a bad request (including a field the model cannot
-honour, such as `tools`, rather than ignoring it), 404 for an unknown model or route, 413 for a
-prompt longer than the context window, 503 before a model is loaded and once the server is
-shutting down (`Api.drain`: streams in flight finish, new requests go elsewhere), 500 (one line, no
-traceback) otherwise. Generation runs in one thread per choice, which hands each decoded piece
-to the event loop at once; a client that goes away stops its generation (freeing its slot in the
-ONNX engine) at the next token.
+A body is checked here against OpenAI's shapes, its structured outputs and tools by
+steps/serving/structured.py (which also reads each answer back as content or a tool call), then
+each model request it becomes against the serving rules (steps/serving/chat_protocol.py, which
+the models apply too); each problem is answered in one sentence as OpenAI's error object
+(`{"error": {"message", "type", "param", "code"}}`) with the right status: 400 for a bad request
+(including a field the model cannot honour, such as `logprobs`, rather than ignoring it), 404
+for an unknown model or route, 413 for a prompt longer than the context window, 503 before a
+model is loaded and once the server is shutting down (`Api.drain`: streams in flight finish, new
+requests go elsewhere), 500 (one line, no traceback) otherwise. Generation runs in one thread
+per choice, which hands each decoded piece to the event loop at once; a client that goes away
+stops its generation (freeing its slot in the ONNX engine) at the next token.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from typing import Any
 
 from steps.serving.chat_protocol import RequestError
@@ -79,7 +79,7 @@ def plan(body: dict[str, Any]) -> Plan:
     answer = _answer_schema(body.get("response_format"))
     tools = _tools(body.get("tools"))
     choice = body.get("tool_choice")
-    if choice is not None and not tools:
+    if choice not in (None, "auto", "none") and not tools:
         raise RequestError("`tool_choice` needs `tools` to choose from", param="tool_choice")
     callable_ = _chosen(tools, "auto" if choice is None else choice)
     rules = []
@@ -181,8 +181,9 @@ def _chosen(tools: tuple[Tool, ...], choice: Any) -> tuple[Tool, ...]:
         return tools
     if choice == "none":
         return ()
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or choice.get("type") != "function" or name is None:
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or choice.get("type") != "function":
         raise RequestError(
             f"`tool_choice` must be one of {', '.join(TOOL_CHOICES)} or "
             '{"type": "function", "function": {"name": ...}}',
@@ -259,7 +260,7 @@ def _compile(grammar: str, param: str) -> None:
                            param=param)  # fmt: skip
 
 
-@cache
+@lru_cache(maxsize=256)  # clients send the same schema request after request
 def _grammar_error(grammar: str) -> str:
     import llguidance
 
