@@ -209,3 +209,18 @@ def test_a_bad_structured_request_is_named_in_one_sentence(case: str) -> None:
     assert raised.value.param == param
     assert says in message and f"`{param}" in message, message
     assert "\n" not in message and len(message) < 220, message
+
+
+def test_an_onnx_model_logged_before_its_engine_held_grammars_refuses_them() -> None:
+    """A model version's own shipped engine serves it: one from before set_guidance would
+    ignore the grammar and answer unconstrained, so the server refuses instead."""
+    from steps.serving.chat_protocol import CheckedRequest, Options
+    from steps.serving.served_models import OnnxServed
+
+    class ShippedBefore:  # what such a model's chat model object has: no constrains_decoding
+        defaults, context_length = {"max_new_tokens": 8}, 2048
+
+    checked = CheckedRequest([1, 2], Options(8, False, 1.0, 1.0, (), 1), 8)
+    with pytest.raises(RequestError, match="wrapped since") as raised:
+        OnnxServed(ShippedBefore()).constrain(checked, plan({"tools": [WEATHER]}))
+    assert raised.value.param == "tools"

@@ -383,7 +383,7 @@ class Api:
             plan = parsed.plan()
             checked = [loaded.model.check(one) for one in parsed.requests(plan)]
             if plan.grammar is not None:
-                checked = [loaded.model.constrain(one, plan.grammar) for one in checked]
+                checked = [loaded.model.constrain(one, plan) for one in checked]
         except RequestError as error:
             loaded.release()
             return error_response(error.status, str(error), error.param, error.code)

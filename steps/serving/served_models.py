@@ -31,6 +31,7 @@ from typing import Any
 
 from steps.errors import PipelineError
 from steps.serving.chat_protocol import CheckedRequest, Piece, RequestError, check_request, pieces
+from steps.serving.structured import Plan
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ class ServedModel(ABC):
         """Check one model request and build its prompt ids; raises RequestError."""
         return check_request(request, self.defaults, self)
 
-    def constrain(self, checked: CheckedRequest, grammar: str) -> CheckedRequest:
-        """The checked request with its answer held to `grammar` (steps/serving/structured.py);
-        raises RequestError where this model cannot hold it."""
-        options = dataclasses.replace(checked.options, grammar=grammar)
+    def constrain(self, checked: CheckedRequest, plan: Plan) -> CheckedRequest:
+        """The checked request with its answer held to the plan's grammar
+        (steps/serving/structured.py); raises RequestError where this model cannot hold it."""
+        options = dataclasses.replace(checked.options, grammar=plan.grammar)
         return dataclasses.replace(checked, options=options)
 
     @abstractmethod
@@ -82,14 +83,14 @@ class OnnxServed(ServedModel):
     def prompt_ids(self, prompt: str):
         return self._chat_model.prompt_ids(prompt)
 
-    def constrain(self, checked: CheckedRequest, grammar: str) -> CheckedRequest:
+    def constrain(self, checked: CheckedRequest, plan: Plan) -> CheckedRequest:
         if not getattr(self._chat_model, "constrains_decoding", False):
             raise RequestError(
-                "this model version was logged before its engine could hold an answer to a "
-                "schema or to tools; serve a version wrapped since (run wrap_onnx again)",
-                param="response_format",
+                f"this model version was logged before its engine could hold an answer to "
+                f"`{plan.field}`; serve a version wrapped since (run wrap_onnx again)",
+                param=plan.field,
             )
-        return super().constrain(checked, grammar)
+        return super().constrain(checked, plan)
 
     def generate(self, checked: CheckedRequest) -> Iterator[Piece]:
         return self._chat_model.generate(checked)

@@ -72,6 +72,11 @@ class Plan:
     presented: tuple[Tool, ...] = ()
     callable: tuple[Tool, ...] = ()
 
+    @property
+    def field(self) -> str:
+        """The request field the grammar answers: where a refusal of it points."""
+        return "tools" if self.callable else "response_format"
+
 
 def plan(body: dict[str, Any]) -> Plan:
     """The request body's `response_format`, `tools` and `tool_choice`, checked; raises
