@@ -1,7 +1,8 @@
-"""The OpenAI-compatible server's own request checks (steps/serving/openai_api.py) and the stop-
-string scanner both runtimes share (steps/serving/chat_protocol.py): each bad request is named in
-one short sentence with the field it concerns, never MLflow's schema dump. The server itself,
-over HTTP with the official client, is in test_openai_server.py."""
+"""The OpenAI-compatible server's own request checks (steps/serving/openai_api.py, and
+steps/serving/structured.py's for structured outputs and tools) and the stop-string scanner both
+runtimes share (steps/serving/chat_protocol.py): each bad request is named in one short sentence
+with the field it concerns, never MLflow's schema dump. The server itself, over HTTP with the
+official client, is in test_openai_server.py."""
 
 from __future__ import annotations
 
@@ -83,6 +84,72 @@ BAD = {
     "no model": ({"messages": HELLO}, "model", "required"),
     "two different limits": (chat(max_tokens=4, max_completion_tokens=8), "max_tokens", "not both"),
 }
+# Structured outputs and tools (steps/serving/structured.py).
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
+OPEN = {"type": "object", "properties": {"a": {"type": "string"}}}
+ANSWER = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": "{}"},
+}
+
+
+def schema_format(schema, strict=False) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": strict}}
+
+
+BAD |= {
+    "unknown response_format type": (
+        chat(response_format={"type": "xml"}), "response_format.type", "json_schema, got 'xml'"),
+    "a schema that is not JSON Schema": (
+        chat(response_format=schema_format({"type": "bogus"})),
+        "response_format.json_schema.schema", "is not JSON Schema ($.type"),
+    "a schema the grammar engine cannot compile": (
+        chat(response_format=schema_format({"type": "string", "pattern": "(?<=a)b"})),
+        "response_format.json_schema.schema", "look-around"),
+    "a strict schema with an open object": (
+        chat(response_format=schema_format({"type": "object", "properties": {"o": OPEN}} | {
+            "required": ["o"], "additionalProperties": False}, strict=True)),
+        "response_format.json_schema.schema", "($.properties.o does not)"),
+    "a schema without a name": (
+        chat(response_format={"type": "json_schema", "json_schema": {"schema": CITY}}),
+        "response_format.json_schema.name", "letters, digits"),
+    "a tool declared twice": (
+        chat(tools=[WEATHER, WEATHER]), "tools[1].function.name", "declared twice"),
+    "a tool with an invalid parameter schema": (
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"minLength": -1}}}}}]),
+        "tools[0].function.parameters", "-1 is less than the minimum of 0"),
+    "a tool whose parameters are no object": (
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "string"}}}]),
+        "tools[0].function.parameters", "must describe an object"),
+    "tool_choice naming an undeclared function": (
+        chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "f"}}),
+        "tool_choice", "'f', which is not among the declared tools (get_weather)"),
+    "tool_choice without tools": (chat(tool_choice="required"), "tool_choice", "needs `tools`"),
+    "an unknown tool_choice": (chat(tools=[WEATHER], tool_choice="always"), "tool_choice",
+                               "auto, none, required"),
+    "a tool_choice function that is no object": (
+        chat(tools=[WEATHER], tool_choice={"type": "function", "function": "get_weather"}),
+        "tool_choice", '{"type": "function", "function": {"name": ...}}'),
+    "a tool result that answers no call": (
+        chat(messages=[{"role": "user", "content": "Hi"},
+                       {"role": "assistant", "tool_calls": [ANSWER]},
+                       {"role": "tool", "tool_call_id": "call_2", "content": "1"}]),
+        "messages[2].tool_call_id", "'call_2' answers no call"),
+    "a tool message without its call id": (
+        chat(messages=[{"role": "tool", "content": "1"}]), "messages[0]", "needs tool_call_id"),
+    "tool calls on a user message": (
+        chat(messages=[{"role": "user", "content": "Hi", "tool_calls": [ANSWER]}]),
+        "messages[0]", "only an assistant message"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -94,8 +161,8 @@ def test_a_bad_request_is_named_in_one_short_sentence(case: str) -> None:
     message = str(raised.value)
     assert raised.value.status == 400
     assert raised.value.param == param
-    assert says in message and f"`{param}`" in message
-    assert "\n" not in message and len(message) < 200, message
+    assert says in message and f"`{param}" in message, message
+    assert "\n" not in message and len(message) < 220, message
 
 
 def test_structured_outputs_and_tools_are_the_chat_routes_alone() -> None:

@@ -1,8 +1,9 @@
 """Structured outputs and tools (steps/serving/structured.py) without a model: the grammar each
 request becomes, run by llguidance over a byte-level vocabulary (the texts it lets through and
 those it stops), the conversation the chat template gets, the reader that turns generated text
-into `content` and `tool_calls` piece by piece, and every bad request as one sentence naming
-its `param`. The same rules against real servers of both runtimes: test_structured_server.py."""
+into `content` and `tool_calls` piece by piece (its bad requests are in test_openai_requests.py
+with the server's other checks). The same rules against real servers of both runtimes:
+test_structured_server.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import llguidance
 import pytest
 
 from steps.serving.chat_protocol import RequestError
-from steps.serving.openai_api import ChatRequest, parse
 from steps.serving.structured import CallReader, Plan, conversation, plan
 
 CITY = {
@@ -137,78 +137,6 @@ def test_the_reader_passes_text_through_and_a_cut_call_keeps_its_finish_reason()
         and cut.message()["tool_calls"][0]["function"]["arguments"]
         == (CALL[CALL.index('{"city') : 60])
     )
-
-
-def chat(**fields) -> dict:
-    return {"model": "m", "messages": [{"role": "user", "content": "Hi"}]} | fields
-
-
-def schema_format(schema, strict=False) -> dict:
-    return {"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": strict}}
-
-
-OPEN = {"type": "object", "properties": {"a": {"type": "string"}}}
-ANSWER = {"id": "call_1", "type": "function",
-          "function": {"name": "get_weather", "arguments": "{}"}}  # fmt: skip
-BAD = {
-    "unknown response_format type": (
-        chat(response_format={"type": "xml"}), "response_format.type", "json_schema, got 'xml'"),
-    "a schema that is not JSON Schema": (
-        chat(response_format=schema_format({"type": "bogus"})),
-        "response_format.json_schema.schema", "is not JSON Schema ($.type"),
-    "a schema the grammar engine cannot compile": (
-        chat(response_format=schema_format({"type": "string", "pattern": "(?<=a)b"})),
-        "response_format.json_schema.schema", "look-around"),
-    "a strict schema with an open object": (
-        chat(response_format=schema_format({"type": "object", "properties": {"o": OPEN}} | {
-            "required": ["o"], "additionalProperties": False}, strict=True)),
-        "response_format.json_schema.schema", "($.properties.o does not)"),
-    "a schema without a name": (
-        chat(response_format={"type": "json_schema", "json_schema": {"schema": CITY}}),
-        "response_format.json_schema.name", "letters, digits"),
-    "a tool declared twice": (
-        chat(tools=[WEATHER, WEATHER]), "tools[1].function.name", "declared twice"),
-    "a tool with an invalid parameter schema": (
-        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-            "type": "object", "properties": {"a": {"minLength": -1}}}}}]),
-        "tools[0].function.parameters", "-1 is less than the minimum of 0"),
-    "a tool whose parameters are no object": (
-        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-            "type": "string"}}}]),
-        "tools[0].function.parameters", "must describe an object"),
-    "tool_choice naming an undeclared function": (
-        chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "f"}}),
-        "tool_choice", "'f', which is not among the declared tools (get_weather)"),
-    "tool_choice without tools": (chat(tool_choice="required"), "tool_choice", "needs `tools`"),
-    "an unknown tool_choice": (chat(tools=[WEATHER], tool_choice="always"), "tool_choice",
-                               "auto, none, required"),
-    "a tool_choice function that is no object": (
-        chat(tools=[WEATHER], tool_choice={"type": "function", "function": "get_weather"}),
-        "tool_choice", '{"type": "function", "function": {"name": ...}}'),
-    "a tool result that answers no call": (
-        chat(messages=[{"role": "user", "content": "Hi"},
-                       {"role": "assistant", "tool_calls": [ANSWER]},
-                       {"role": "tool", "tool_call_id": "call_2", "content": "1"}]),
-        "messages[2].tool_call_id", "'call_2' answers no call"),
-    "a tool message without its call id": (
-        chat(messages=[{"role": "tool", "content": "1"}]), "messages[0]", "needs tool_call_id"),
-    "tool calls on a user message": (
-        chat(messages=[{"role": "user", "content": "Hi", "tool_calls": [ANSWER]}]),
-        "messages[0]", "only an assistant message"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_structured_request_is_named_in_one_sentence(case: str) -> None:
-    body, param, says = BAD[case]
-    with pytest.raises(RequestError) as raised:
-        parsed = parse(ChatRequest, body)
-        parsed.requests(parsed.plan())
-    message = str(raised.value)
-    assert raised.value.status == 400
-    assert raised.value.param == param
-    assert says in message and f"`{param}" in message, message
-    assert "\n" not in message and len(message) < 220, message
 
 
 def test_an_onnx_model_logged_before_its_engine_held_grammars_refuses_them() -> None:
