@@ -181,12 +181,12 @@ class TransformersServed(ServedModel):
         sampling: dict[str, Any] = {"do_sample": options.do_sample}
         if options.do_sample:
             sampling |= {"temperature": options.temperature, "top_p": options.top_p}
-        if options.grammar is not None:
-            sampling["logits_processor"] = [self._grammar_mask(options.grammar)]
         with self._one_at_a_time:
             if cancelled.is_set():
                 return
-            try:
+            try:  # whatever fails reaches the reader, which would otherwise wait forever
+                if options.grammar is not None:
+                    sampling["logits_processor"] = [self._grammar_mask(options.grammar)]
                 with torch.inference_mode():
                     self._model.generate(
                         torch.tensor([checked.ids]),
