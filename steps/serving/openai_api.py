@@ -160,8 +160,7 @@ class ChatRequest(OpenAIRequest):
     parallel_tool_calls: bool | None = None
 
     def plan(self) -> Plan:
-        asked = {"response_format", "tools", "tool_choice"}
-        return structured.plan(self.model_dump(include=asked, exclude_none=True))
+        return structured.plan(self.model_dump(include=set(STRUCTURED), exclude_none=True))
 
     def requests(self, plan: Plan) -> list[dict[str, Any]]:
         """One model request per choice."""

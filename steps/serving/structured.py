@@ -79,8 +79,9 @@ class Plan:
 
 
 def plan(body: dict[str, Any]) -> Plan:
-    """The request body's `response_format`, `tools` and `tool_choice`, checked; raises
-    RequestError naming the first problem, with `param` set."""
+    """The request body's `response_format`, `tools` and `tool_choice`, checked (its
+    `parallel_tool_calls` changes nothing: one call at most); raises RequestError naming the
+    first problem, with `param` set."""
     answer = _answer_schema(body.get("response_format"))
     tools = _tools(body.get("tools"))
     choice = body.get("tool_choice")
