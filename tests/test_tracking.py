@@ -20,7 +20,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 from servers import clean_env, free_port
 
+from steps.config.compose import project_path
 from steps.errors import PipelineError
+from steps.evaluation.evalset import load_eval_set
+from steps.evaluation.fidelity import load_fidelity_text
+from steps.tracking.evaluation_runs import log_datasets
 from steps.tracking.registry import LOCK_SUFFIX, registry_lock
 from steps.tracking.runs import DEFAULT_STORE, flat_params, model_key, step_run, tracking_uri
 from steps.tracking.server import explained, redacted, retry_budget_s
@@ -163,6 +167,42 @@ def test_a_model_key_names_what_reaches_the_model(compose) -> None:
     assert model_key(compose(), tags | {"model.label": "onnx-int4"}) != key
     assert model_key(compose("generation.max_new_tokens=64"), tags) != key
     assert model_key(compose("compute.onnx_threads=1"), tags) != key
+
+
+def test_evaluate_runs_of_overlapping_pipelines_log_one_new_dataset_at_once(
+    compose, tracking_uri
+) -> None:
+    """The store looks a dataset up before inserting it: before the step logged again on losing
+    that race, about one of six first logs at once failed (a fresh-clone CI's overlapping
+    pipelines against PostgreSQL met it once)."""
+    cfg = compose()
+    datasets = (
+        load_eval_set(project_path(cfg.evaluate.dataset)),
+        load_fidelity_text(project_path(cfg.evaluate.fidelity.text)),
+    )
+    client = MlflowClient()
+    starts = threading.Barrier(6)
+    failures: list[BaseException] = []
+
+    def evaluate(experiment: str) -> None:
+        with mlflow.start_run(experiment_id=experiment):
+            starts.wait()
+            try:
+                log_datasets(*datasets)
+            except BaseException as error:
+                failures.append(error)
+
+    for round_ in range(3):
+        experiment = client.create_experiment(f"overlap-{round_}")
+        threads = [threading.Thread(target=evaluate, args=(experiment,)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        runs = client.search_runs([experiment])
+        assert len(runs) == 6
+        assert all(len(run.inputs.dataset_inputs) == 2 for run in runs)
 
 
 def test_registers_of_one_model_take_turns(tracking_uri) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.data.dataset import Dataset
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, ErrorCode
 
 from steps.evaluation.evalset import EvalSet
 from steps.evaluation.fidelity import FidelityText
@@ -26,13 +28,13 @@ def log_datasets(eval_set: EvalSet, text: FidelityText) -> tuple[Dataset, Datase
         [{"id": i.id, "question": i.question, "reference": i.reference} for i in eval_set.items]
     )
     questions = mlflow.data.from_pandas(frame, source=str(eval_set.path), name=eval_set.name)
-    mlflow.log_input(questions, context="evaluation")
+    _log_input(questions, context="evaluation")
     documents = mlflow.data.from_pandas(
         pd.DataFrame([{"id": d.id, "kind": d.kind, "sha256": text.sha256} for d in text.documents]),
         source=str(text.path),
         name=text.name,
     )
-    mlflow.log_input(documents, context="fidelity")
+    _log_input(documents, context="fidelity")
     mlflow.set_tags(
         {
             "evaluate.dataset": eval_set.name,
@@ -42,6 +44,22 @@ def log_datasets(eval_set: EvalSet, text: FidelityText) -> tuple[Dataset, Datase
         }
     )
     return questions, documents
+
+
+def _log_input(dataset: Dataset, context: str) -> None:
+    """`mlflow.log_input`, minding pipelines that log one dataset for the first time at once: the
+    tracking store looks a dataset up, then inserts it when missing, so the later of two such
+    transactions fails on the datasets table's key (SQLite and PostgreSQL alike). By then the
+    earlier one has committed the row, so logging again finds it instead."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        lost_race = error.error_code == ErrorCode.Name(BAD_REQUEST) and (
+            "INSERT INTO datasets" in error.message
+        )
+        if not lost_race:
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def log_candidate(
