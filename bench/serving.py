@@ -14,10 +14,10 @@ Models: the pipeline's wrap_transformers and wrap_onnx models in the bench's tra
 (bench/models.py). --onnx-model-uri serves another ONNX model instead (e.g. another precision's
 wrap_onnx model in the same store).
 
-Per runtime, `mlflow models serve -m <uri> --env-manager local` (one uvicorn worker, MLflow's
-default) and `python -m steps serve --model-uri <uri>` start on loopback ports (logs:
---out/serve-<runtime>.log, --out/openai-<runtime>.log) and the same model is loaded in this
-process. Each mode gets one untimed warm-up request. Then, for each client count in turn, the
+Per runtime, what the --modes use starts: `mlflow models serve -m <uri> --env-manager local`
+(one uvicorn worker, MLflow's default), `python -m steps serve --model-uri <uri>` on loopback
+ports (logs: --out/serve-<runtime>.log, --out/openai-<runtime>.log), the same model loaded in
+this process. Each mode gets one untimed warm-up request. Then, for each client count in turn, the
 modes are timed one after the other: N client threads share --requests
 greedy chat requests (`max_tokens` --max-tokens, `temperature` 0; the questions cycle through
 QUESTIONS), and each client sends its next request as soon as its previous answer arrives.
@@ -41,6 +41,7 @@ level and measure (e.g. `onnx.http.c8.requests_per_s`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import time
 from collections.abc import Callable
@@ -262,16 +263,20 @@ def measure_runtime(
     modes: list[str],
 ) -> list[Trial]:
     """Every mode of one runtime, interleaved client count by client count, so slow drift of
-    the machine hits them alike. The served processes and the in-process model stay loaded
-    throughout; the idle ones cost no CPU."""
-    print(f"{runtime}: serving {model_uri} with mlflow models serve and steps serve", flush=True)
-    openai_log = log.with_name(f"openai-{runtime}.log")
-    with (
-        model_server(model_uri, tracking_uri, log) as url,
-        openai_server(model_uri, tracking_uri, openai_log) as openai_url,
-    ):
-        (served,) = requests.get(f"{openai_url}/v1/models", timeout=30).json()["data"]
-        model_id = served["id"]
+    the machine hits them alike. Only the servers the modes use start; they and the in-process
+    model stay loaded throughout, and the idle ones cost no CPU."""
+    print(f"{runtime}: serving {model_uri} for {', '.join(modes)}", flush=True)
+    uses_openai = any(mode in (OPENAI, OPENAI_STREAM, OPENAI_JSON) for mode in modes)
+    with contextlib.ExitStack() as servers:
+        url = openai_url = model_id = None
+        if HTTP in modes:
+            url = servers.enter_context(model_server(model_uri, tracking_uri, log))
+        if uses_openai:
+            openai_url = servers.enter_context(
+                openai_server(model_uri, tracking_uri, log.with_name(f"openai-{runtime}.log"))
+            )
+            (served,) = requests.get(f"{openai_url}/v1/models", timeout=30).json()["data"]
+            model_id = served["id"]
         makers = {
             HTTP: lambda: http_sender(url, max_tokens),
             OPENAI: lambda: openai_sender(openai_url, model_id, max_tokens, stream=False),
