@@ -400,14 +400,17 @@ def markdown(levels: list[Level]) -> str:
     if costs:
         title = "Server cost (the server's req/s over in-process req/s, same client count):"
         lines += ["", title, "", *costs]
-    constrained = [lv for lv in levels if lv.mode == OPENAI_JSON and lv.decode_tokens_per_s]
-    if constrained:
-        lines += ["", "Structured outputs (openai-json's decode rate over openai-stream's):", ""]
     rates = {(lv.runtime, lv.mode, lv.clients): lv.decode_tokens_per_s for lv in levels}
-    for level in constrained:
-        if free := rates.get((level.runtime, OPENAI_STREAM, level.clients)):
-            ratio = level.decode_tokens_per_s / free
-            lines.append(f"- {level.runtime}, {level.clients} clients: {ratio:.3f}")
+    ratios = [
+        f"- {level.runtime}, {level.clients} clients: {level.decode_tokens_per_s / free:.3f}"
+        for level in levels
+        if level.mode == OPENAI_JSON
+        and level.decode_tokens_per_s
+        and (free := rates.get((level.runtime, OPENAI_STREAM, level.clients)))
+    ]
+    if ratios:
+        title = "Structured outputs (openai-json's decode rate over openai-stream's):"
+        lines += ["", title, "", *ratios]
     return "\n".join(lines)
 
 

@@ -118,3 +118,5 @@ def test_the_serving_bench_compares_decode_rates_of_constrained_and_free_streams
     assert constrained.decode_tokens_per_s == pytest.approx(20 / 0.3)
     assert constrained.server_cost is None  # no in-process mode was timed
     assert "- onnx, 1 clients: 0.833" in markdown([free, constrained])
+    # Timed alone, openai-json has nothing to be compared with: no ratio, and no heading either.
+    assert "Structured outputs" not in markdown([constrained])
