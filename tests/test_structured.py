@@ -123,6 +123,15 @@ def test_the_reader_streams_a_call_as_the_api_does_in_pieces_of_any_size(size: i
     assert message["content"] is None and message["tool_calls"][0]["id"] == first["id"]
 
 
+def test_the_reader_keeps_a_string_argument_that_holds_the_calls_closing() -> None:
+    reader = CallReader(plan({"tools": [WEATHER]}).callable)
+    arguments = '{"city": "a}</tool_call>b"}'
+    for character in CALL.replace('{"city": "Paris"}', arguments):
+        reader.feed(character)
+    assert reader.finish("stop")[1] == "tool_calls"
+    assert reader.message()["tool_calls"][0]["function"]["arguments"] == arguments
+
+
 def test_the_reader_passes_text_through_and_a_cut_call_keeps_its_finish_reason() -> None:
     reader = CallReader(plan({"tools": [WEATHER]}).callable)
     assert reader.feed("It is ") == [{"content": "It is "}]

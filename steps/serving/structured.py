@@ -346,7 +346,7 @@ class CallReader:
         self._starts = {tool.call_start: tool.name for tool in callable_}
         self._end = "}" + CALL_CLOSE
         self._unread = ""
-        self._state = "start"  # start -> content | name -> arguments -> called
+        self._state = "start"  # start -> content | name -> arguments -> called (at finish)
         self.content: str | None = None
         self.call: dict[str, Any] | None = None
 
@@ -366,18 +366,18 @@ class CallReader:
                          "function": {"name": self._starts[start], "arguments": ""}}  # fmt: skip
             first = {"index": 0, **self.call, "function": dict(self.call["function"])}
             return [{"tool_calls": [first]}, *self._arguments()]
-        if self._state == "arguments":
-            return self._arguments()
-        return []
+        return self._arguments()
 
     def finish(self, reason: str) -> tuple[list[dict[str, Any]], str]:
         """The deltas of the text held back, and the choice's finish reason: `tool_calls` for
         an answer that made a whole call."""
         if self._state in ("start", "name"):  # cut off before a call's name: say what it was
             deltas = self._say(self._take(len(self._unread)))
-        elif self._state == "arguments":
+        elif self._state == "arguments" and self._unread == self._end:
+            deltas, self._unread, self._state = [], "", "called"
+        elif self._state == "arguments":  # cut off inside its arguments
             deltas = self._argument(self._take(len(self._unread)))
-        else:
+        else:  # content: said as it came
             deltas = []
         return deltas, "tool_calls" if self._state == "called" and reason == "stop" else reason
 
@@ -389,12 +389,9 @@ class CallReader:
         return message
 
     def _arguments(self) -> list[dict[str, Any]]:
-        end = self._unread.find(self._end)
-        if end >= 0:
-            deltas = self._argument(self._take(end))
-            self._unread, self._state = "", "called"
-            return deltas
-        return self._argument(self._take(max(0, len(self._unread) - len(self._end) + 1)))
+        # The grammar ends a call's text with its closing, which a string argument may also
+        # hold: only the last characters can be the closing, so they wait for finish().
+        return self._argument(self._take(max(0, len(self._unread) - len(self._end))))
 
     def _argument(self, piece: str) -> list[dict[str, Any]]:
         if not piece or self.call is None:
