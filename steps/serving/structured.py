@@ -137,10 +137,7 @@ def _answer_schema(response_format: Any) -> dict[str, Any] | None:
     unknown = set(spec) - {"name", "description", "schema", "strict"}
     if unknown:
         raise RequestError(f"`{param}.{sorted(unknown)[0]}` is not a field of it", param=param)
-    if not isinstance(spec.get("name"), str) or not FUNCTION_NAME.fullmatch(spec["name"]):
-        raise RequestError(
-            f"`{param}.name` must be 1 to 64 letters, digits, _ or -", param=f"{param}.name"
-        )
+    _check_name(spec.get("name"), f"{param}.name")
     schema = spec.get("schema", {})
     _check_schema(schema, f"{param}.schema", strict=spec.get("strict") is True)
     return schema
@@ -160,11 +157,7 @@ def _tools(tools: Any) -> tuple[Tool, ...]:
         if not isinstance(function, dict):
             raise RequestError(f"`{param}.function` must be an object", param=f"{param}.function")
         name = function.get("name")
-        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
-            raise RequestError(
-                f"`{param}.function.name` must be 1 to 64 letters, digits, _ or -, got {name!r}",
-                param=f"{param}.function.name",
-            )
+        _check_name(name, f"{param}.function.name")
         if name in declared:
             raise RequestError(
                 f"`{param}.function.name` {name!r} is declared twice; give each tool its own name",
@@ -179,6 +172,14 @@ def _tools(tools: Any) -> tuple[Tool, ...]:
             )
         declared[name] = Tool(name, str(function.get("description", "")), parameters)
     return tuple(declared.values())
+
+
+def _check_name(name: Any, param: str) -> None:
+    """A schema's or a function's name, as OpenAI allows them."""
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+        raise RequestError(
+            f"`{param}` must be 1 to 64 letters, digits, _ or -, got {name!r}", param=param
+        )
 
 
 def _chosen(tools: tuple[Tool, ...], choice: Any) -> tuple[Tool, ...]:
